@@ -1,0 +1,24 @@
+"""`python -m hifloat4 {demo,inspect,bench} ...`: dispatch to each tool's main(argv)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("hifloat4.demo", "tiny Wan2.2 end to end: calibrate, save, W4A4, compare"),
+    "inspect": ("hifloat4.inspect_state", "show and validate a PTQ state file"),
+    "bench": ("hifloat4.bench", "speed and memory of the quantization kernels"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: python -m hifloat4 {" + ",".join(COMMANDS) + "} ...\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

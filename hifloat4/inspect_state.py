@@ -1,0 +1,113 @@
+"""`python -m hifloat4 inspect FILE [--json]`: validate a PTQ state file and show what
+is in it (metadata, experts, layers, channels, file size, checksum).
+
+Validation is `hifloat4.state.load_state` itself, so "checksum OK" here means exactly
+what the Load PTQ State node will accept. Exit codes: 0 good file, 2 bad or missing
+file (the PTQStateError message goes to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+from safetensors import safe_open
+
+from .state import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, PTQState, PTQStateError, load_state, state_nbytes
+
+
+def _checksum(path: str) -> str:
+    """The stored checksum (load_state has already verified it)."""
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()[METADATA_KEY])["checksum"]
+
+
+def _mask_range(state: PTQState, expert: str) -> list[float]:
+    masks = torch.cat([ls.mask for ls in state.experts[expert].layers.values()])
+    return [float(masks.min()), float(masks.median()), float(masks.max())]
+
+
+def summarize(path: str | os.PathLike) -> dict:
+    """Validate the file and return a JSON-serialisable description; raises PTQStateError."""
+    path = os.fspath(path)
+    state = load_state(path)
+    experts = []
+    for name, ex in state.experts.items():
+        fp = ex.fingerprint
+        experts.append({
+            "name": name,
+            "layers": len(ex.layers),
+            "channels": sum(ls.channels for ls in ex.layers.values()),
+            "mask_min_median_max": _mask_range(state, name),
+            "shape_hash": fp["shape_hash"],
+            "content_hash": fp["content_hash"],
+        })
+    return {
+        "file": os.path.abspath(path),
+        "file_bytes": os.path.getsize(path),
+        "tensor_bytes": state_nbytes(state),
+        "checksum": _checksum(path),
+        "checksum_ok": True,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "hif4_spec": state.hif4_spec,
+        "method": state.method,
+        "alpha": state.alpha,
+        "percentile": state.percentile,
+        "statistic": state.statistic,
+        "rotation": state.rotation,
+        "model_family": state.model_family,
+        "model_variant": state.model_variant,
+        "calibration": state.calibration,
+        "tool_version": state.tool_version,
+        "extra": state.extra,
+        "experts": experts,
+        "total_layers": sum(e["layers"] for e in experts),
+        "total_channels": sum(e["channels"] for e in experts),
+    }
+
+
+def render(summary: dict) -> str:
+    rot = summary["rotation"]
+    rot_text = "none" if rot is None else f"block Hadamard, block {rot['block']}, seed {rot['seed']}"
+    lines = [
+        f"file:        {summary['file']}",
+        f"size:        {summary['file_bytes']} bytes ({summary['tensor_bytes']} bytes of tensors)",
+        f"checksum:    OK ({summary['checksum']})",
+        f"format:      {summary['format']} v{summary['format_version']}, HiF4 spec {summary['hif4_spec']}",
+        f"method:      {summary['method']}: alpha {summary['alpha']:g}, statistic {summary['statistic']}, "
+        f"percentile {summary['percentile']:g}",
+        f"rotation:    {rot_text}",
+        f"model:       {summary['model_family']} {summary['model_variant']}",
+        f"tool:        hifloat4 {summary['tool_version']}",
+        "calibration: " + (json.dumps(summary["calibration"], sort_keys=True) if summary["calibration"] else "(none)"),
+    ]
+    if summary["extra"]:
+        lines.append("extra:       " + json.dumps(summary["extra"], sort_keys=True))
+    lines.append(f"experts:     {len(summary['experts'])} ({summary['total_layers']} layers, "
+                 f"{summary['total_channels']} channels in all)")
+    for e in summary["experts"]:
+        lo, med, hi = e["mask_min_median_max"]
+        content = (e["content_hash"] or "none")[:12]
+        lines.append(f"  {e['name']:<12} {e['layers']} layers, {e['channels']} channels, "
+                     f"mask min/median/max {lo:.3g}/{med:.3g}/{hi:.3g}, "
+                     f"shape {e['shape_hash'][:12]}, content {content}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hifloat4 inspect",
+                                description="Validate a HiFloat4 PTQ state file and print its contents.")
+    p.add_argument("file", help="a .safetensors PTQ state")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        summary = summarize(args.file)
+    except PTQStateError as e:
+        print(f"error: {args.file}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True) if args.json else render(summary))
+    return 0

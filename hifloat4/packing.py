@@ -1,0 +1,166 @@
+"""Real 4.5-bit HiF4 storage: 36 bytes per 64 values, bit-exact with fake quantization.
+
+Layout of one group (the project's choice; HIF4_SPEC.md "Storage layout"):
+  bytes 0..31  codes, two per byte (value 2i in the low nibble, 2i+1 in the high);
+               code = sign << 3 | m * 4, m in {0, 0.25, ..., 1.75}
+  byte  32     E6M2 scale: (e + 48) << 2 | mantissa, S = (1 + mantissa/4) * 2^e
+  byte  33     the 8 level-1 bits, bit k for values 8k..8k+7
+  bytes 34..35 the 16 level-2 bits, little-endian, bit j for values 4j..4j+3
+A packed tensor keeps the grouped axis last: a weight W[N, K] packed along
+dim=-1 is data (N, ceil(K/64), 36), so rows can be expanded a slice at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernels
+from .format import GROUP_SIZE, chunks, decode_groups, encode_groups, from_groups, to_groups
+
+BYTES_PER_GROUP = 36
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class PackedHiF4:
+    """HiF4 codes of a tensor: `data` uint8 (*moved_shape[:-1], groups, 36).
+
+    `shape` is the original shape, `dim` the quantized axis, `dtype` what
+    `unpack` returns.
+    """
+
+    data: Tensor
+    shape: tuple[int, ...]
+    dim: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed storage (codes and scales; shape metadata excluded)."""
+        return self.data.numel()
+
+    def metadata(self) -> dict[str, str]:
+        """The fields safetensors metadata needs to rebuild this object."""
+        name = str(self.dtype).removeprefix("torch.")
+        return {"hif4": json.dumps({"shape": list(self.shape), "dim": self.dim, "dtype": name})}
+
+    @classmethod
+    def from_saved(cls, data: Tensor, metadata: dict[str, str]) -> PackedHiF4:
+        """Rebuild from a uint8 tensor and `metadata()`, validating both (untrusted files)."""
+        try:
+            meta = json.loads(metadata["hif4"])
+            shape = tuple(int(s) for s in meta["shape"])
+            dim, dtype = int(meta["dim"]), _DTYPES[meta["dtype"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"bad HiF4 packed metadata: {e!r}") from None
+        if not shape or any(s < 0 for s in shape) or not -len(shape) <= dim < len(shape):
+            raise ValueError(f"bad HiF4 packed shape {shape} / dim {dim}")
+        moved = list(shape)
+        k = moved.pop(dim % len(shape))
+        expected = (*moved, math.ceil(k / GROUP_SIZE), BYTES_PER_GROUP)
+        if data.dtype != torch.uint8 or tuple(data.shape) != expected:
+            raise ValueError(f"HiF4 packed data must be uint8 {expected}, got {data.dtype} {tuple(data.shape)}")
+        return cls(data, shape, dim % len(shape), dtype)
+
+
+def _bits_to_bytes(bits: Tensor) -> Tensor:
+    """(n, 8k) 0/1 floats -> (n, k) uint8, bit i of byte j = bits[:, 8j + i]."""
+    return (bits.to(torch.uint8).view(bits.shape[0], -1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def _bytes_to_bits(data: Tensor) -> Tensor:
+    """(n, k) uint8 -> (n, 8k) 0/1 float32, the inverse of `_bits_to_bytes`."""
+    bits = (data.unsqueeze(-1) & _BIT_WEIGHTS.to(data.device)) != 0
+    return bits.flatten(1).float()
+
+
+def _encode_scale(scale: Tensor) -> Tensor:
+    """E6M2 scale (n, 1) float32 -> (n, 1) uint8."""
+    frac, exp = torch.frexp(scale)  # scale = frac * 2^exp, frac in [0.5, 1)
+    mantissa = (frac * 8.0 - 4.0).to(torch.uint8)  # (1 + m/4) / 2 = frac
+    return ((exp - 1 + 48).to(torch.uint8) << 2) | mantissa
+
+
+def _decode_scale(byte: Tensor) -> Tensor:
+    """(n, 1) uint8 -> E6M2 scale (n, 1) float32."""
+    exp = (byte >> 2).to(torch.int32) - 48
+    return torch.ldexp(1.0 + (byte & 3).float() * 0.25, exp)
+
+
+def pack_groups_torch(groups: Tensor, data: Tensor) -> bool:
+    """The torch implementation: (n, 64) groups -> (n, 36) bytes; False if NaN/Inf."""
+    for sl in chunks(groups.shape[0]):
+        enc = encode_groups(groups[sl])
+        if enc.nonfinite is not None:
+            return False
+        codes = enc.codes.to(torch.uint8) | (torch.signbit(enc.signed).to(torch.uint8) << 3)
+        data[sl, :32] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        data[sl, 32:33] = _encode_scale(enc.scale)
+        data[sl, 33:34] = _bits_to_bytes(enc.b8[:, 0::2])
+        data[sl, 34:36] = _bits_to_bytes(enc.b16)
+    return True
+
+
+def unpack_groups_torch(data: Tensor, out: Tensor) -> None:
+    """The torch implementation: (n, 36) bytes -> (n, 64) values in out.dtype."""
+    for sl in chunks(data.shape[0]):
+        d = data[sl]
+        codes = torch.stack((d[:, :32] & 15, d[:, :32] >> 4), dim=-1).flatten(1)
+        magnitude = (codes & 7).float()
+        signs = 0.5 - (codes >> 3).float()  # +0.5 or -0.5: only the sign bit matters
+        b8 = _bytes_to_bits(d[:, 33:34]).repeat_interleave(2, dim=1)
+        b16 = _bytes_to_bits(d[:, 34:36])
+        step = (_decode_scale(d[:, 32:33]) * 0.25) * (b8 + 1.0) * (b16 + 1.0)
+        decode_groups(magnitude, step, signs, out[sl])
+
+
+@torch.no_grad()
+def pack(x: Tensor, dim: int = -1) -> PackedHiF4:
+    """Encode `x` along `dim` as HiF4 codes (`unpack` gives `quantize_dequantize(x, dim)`).
+
+    NaN and Inf have no HiF4 code: packing a tensor holding them is refused.
+    """
+    if not x.is_floating_point() or x.ndim == 0:
+        raise TypeError(f"pack needs a floating-point tensor with at least one axis, got {x.dtype} {tuple(x.shape)}")
+    groups, moved_shape, dim = to_groups(x, dim)
+    data = torch.empty(groups.shape[0], BYTES_PER_GROUP, dtype=torch.uint8, device=x.device)
+    kernels = cpu_kernels.load() if x.device.type == "cpu" else None
+    ok = kernels.pack_groups(groups.contiguous(), data) if kernels is not None else pack_groups_torch(groups, data)
+    if not ok:
+        raise ValueError("pack: the tensor holds NaN or Inf, which HiF4 codes cannot represent")
+    n_groups = math.ceil(moved_shape[-1] / GROUP_SIZE)
+    return PackedHiF4(data.view(*moved_shape[:-1], n_groups, BYTES_PER_GROUP), tuple(x.shape), dim, x.dtype)
+
+
+def unpack_groups(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """(n, 36) packed groups -> (n, 64) dequantized values in `dtype`."""
+    out = torch.empty(data.shape[0], GROUP_SIZE, dtype=dtype, device=data.device)
+    kernels = cpu_kernels.load() if data.device.type == "cpu" else None
+    if kernels is not None:
+        kernels.unpack_groups(data.contiguous(), out)
+    else:
+        unpack_groups_torch(data, out)
+    return out
+
+
+@torch.no_grad()
+def unpack(packed: PackedHiF4) -> Tensor:
+    """Dequantize a `PackedHiF4`: bit-identical to `quantize_dequantize` of the source."""
+    moved = list(packed.shape)
+    moved.append(moved.pop(packed.dim))
+    groups = unpack_groups(packed.data.reshape(-1, BYTES_PER_GROUP), packed.dtype)
+    return from_groups(groups, tuple(moved), packed.dim)
+
+
+def unpack_rows(packed: PackedHiF4, start: int, stop: int) -> Tensor:
+    """Rows start:stop of a 2-D tensor packed along its last axis (a weight, chunk-wise)."""
+    if len(packed.shape) != 2 or packed.dim != 1:
+        raise ValueError("unpack_rows needs a 2-D tensor packed along dim=-1")
+    rows = packed.data[start:stop]
+    groups = unpack_groups(rows.reshape(-1, BYTES_PER_GROUP), packed.dtype)
+    return groups.view(rows.shape[0], -1)[:, : packed.shape[1]]

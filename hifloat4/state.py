@@ -1,0 +1,439 @@
+"""The PTQ state file: per-layer channel masks plus the raw statistics they came
+from, for one or two Wan experts, in a .safetensors file (never pickle).
+
+Layout. Tensors, all fp32 and 1-D of the layer's in_features C:
+    "<expert>/<layer>/mask"    m_c, the SmoothQuant channel mask in use
+    "<expert>/<layer>/absmax"  max |x_c| over calibration tokens
+    "<expert>/<layer>/tail"    the percentile statistic of |x_c|
+    "<expert>/<layer>/wmax"    max_o |W[o, c]|, so masks can be re-derived (remask)
+Metadata: ONE key, METADATA_KEY, holding a JSON object (sorted keys). One key
+because safetensors writes a multi-key metadata map in random order, and a
+shared calibration file should be byte-identical each time it is written. The
+object holds format name/version, HiF4 spec id, method, alpha, percentile,
+statistic, rotation, model family/variant, the experts (name, ordered layer
+list, model fingerprint), calibration settings, tool version, free-form `extra`,
+and a sha256 checksum over the canonical metadata and every tensor's name,
+dtype, shape and bytes. `load_state` checks all of it and raises PTQStateError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from hifloat4 import wan
+
+FORMAT_NAME = "hifloat4-ptq"
+FORMAT_VERSION = 1
+HIF4_SPEC_ID = "hif4-arxiv2602.11287-v1"
+METHOD = "tail-aware-smoothquant"
+METADATA_KEY = "hifloat4_ptq"
+TENSOR_FIELDS = ("mask", "absmax", "tail", "wmax")
+STATISTICS = ("tail", "max", "none")
+SUFFIX = ".safetensors"
+TOOL_VERSION_FALLBACK = "0.1.0"
+MAX_HEADER_BYTES = 64 * 2**20
+_TAIL_SLACK = 1e-6  # tail <= absmax up to float rounding of the percentile interpolation
+
+_EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LAYER_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+class PTQStateError(ValueError):
+    """Anything wrong with a PTQ state or its file; the message names the problem."""
+
+
+def tool_version() -> str:
+    try:
+        import hifloat4
+        return str(getattr(hifloat4, "__version__", TOOL_VERSION_FALLBACK))
+    except Exception:  # a half-written package must not break state I/O
+        return TOOL_VERSION_FALLBACK
+
+
+@dataclass
+class LayerState:
+    """Per-input-channel tensors of one quantized Linear, each (C,) fp32."""
+
+    mask: Tensor
+    absmax: Tensor
+    tail: Tensor
+    wmax: Tensor
+
+    @property
+    def channels(self) -> int:
+        return int(self.mask.shape[0])
+
+
+@dataclass
+class ExpertState:
+    """The layers of one expert (in stable policy order) and its model fingerprint."""
+
+    layers: dict[str, LayerState]
+    fingerprint: dict
+
+
+@dataclass
+class PTQState:
+    experts: dict[str, ExpertState]
+    alpha: float = 0.5
+    percentile: float = 99.9
+    statistic: str = "tail"
+    rotation: dict | None = None  # {"block": int, "seed": int}
+    model_family: str = "wan2.2"
+    model_variant: str = "custom"
+    calibration: dict = field(default_factory=dict)  # prompts, steps, sampler, scheduler, cfg, ...
+    hif4_spec: str = HIF4_SPEC_ID
+    method: str = METHOD
+    tool_version: str = field(default_factory=tool_version)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.experts)
+
+
+# --------------------------------------------------------------------------- masks
+
+def _mask(wmax: Tensor, absmax: Tensor, tail: Tensor, alpha: float, statistic: str) -> Tensor:
+    from hifloat4.smoothing import MaskConfig, channel_mask  # lazy: optional for plain I/O
+
+    act = tail if statistic == "tail" else absmax
+    return channel_mask(wmax, act, MaskConfig(alpha=alpha, statistic=statistic)).float()
+
+
+def make_layer_state(wmax: Tensor, absmax: Tensor, tail: Tensor, *, alpha: float, statistic: str) -> LayerState:
+    """LayerState with the mask derived from the statistics (hifloat4.smoothing.channel_mask)."""
+    f = [t.detach().float().cpu() for t in (wmax, absmax, tail)]
+    return LayerState(mask=_mask(*f, alpha, statistic), absmax=f[1], tail=f[2], wmax=f[0])
+
+
+def remask(state: PTQState, alpha: float | None = None, statistic: str | None = None) -> PTQState:
+    """A new state whose masks are re-derived from the stored statistics and weight
+    absmax with another alpha and/or statistic: no recalibration needed."""
+    alpha = state.alpha if alpha is None else alpha
+    statistic = state.statistic if statistic is None else statistic
+    if statistic not in STATISTICS:
+        raise PTQStateError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    experts = {
+        name: ExpertState(
+            layers={ln: dataclasses.replace(ls, mask=_mask(ls.wmax, ls.absmax, ls.tail, alpha, statistic))
+                    for ln, ls in ex.layers.items()},
+            fingerprint=ex.fingerprint)
+        for name, ex in state.experts.items()}
+    return dataclasses.replace(state, experts=experts, alpha=float(alpha), statistic=statistic)
+
+
+def state_nbytes(state: PTQState) -> int:
+    """Bytes of tensor data (the file adds a JSON header of a few tens of kB per expert)."""
+    return sum(getattr(ls, f).numel() * getattr(ls, f).element_size()
+               for ex in state.experts.values() for ls in ex.layers.values() for f in TENSOR_FIELDS)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _few(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+
+_TYPES = {
+    "format": (str,), "format_version": (int,), "hif4_spec": (str,), "method": (str,),
+    "alpha": (int, float), "percentile": (int, float), "statistic": (str,), "rotation": (dict, type(None)),
+    "model_family": (str,), "model_variant": (str,), "experts": (list,), "calibration": (dict,),
+    "tool_version": (str,), "extra": (dict,), "checksum": (str,),
+}
+
+
+def _check_metadata(meta) -> None:
+    if not isinstance(meta, dict):
+        raise PTQStateError("bad metadata: not a JSON object")
+    if meta.get("format") != FORMAT_NAME:
+        raise PTQStateError(f"wrong format name {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION or not _is_int(meta.get("format_version")):
+        raise PTQStateError(f"unsupported format version {meta.get('format_version')!r}, "
+                            f"this tool reads version {FORMAT_VERSION}")
+    missing, unknown = set(_TYPES) - set(meta), set(meta) - set(_TYPES)
+    if missing:
+        raise PTQStateError(f"metadata fields missing: {_few(missing)}")
+    if unknown:
+        raise PTQStateError(f"unknown metadata fields: {_few(unknown)}")
+    for key, types in _TYPES.items():
+        if not isinstance(meta[key], types) or isinstance(meta[key], bool):
+            raise PTQStateError(f"metadata field {key!r} has type {type(meta[key]).__name__}, "
+                                f"expected {'/'.join(t.__name__ for t in types)}")
+    if not (_is_number(meta["alpha"]) and 0.0 <= meta["alpha"] <= 1.0):
+        raise PTQStateError(f"alpha must be in [0, 1], got {meta['alpha']!r}")
+    if not (_is_number(meta["percentile"]) and 0.0 < meta["percentile"] <= 100.0):
+        raise PTQStateError(f"percentile must be in (0, 100], got {meta['percentile']!r}")
+    if meta["statistic"] not in STATISTICS:
+        raise PTQStateError(f"statistic must be one of {STATISTICS}, got {meta['statistic']!r}")
+    rot = meta["rotation"]
+    if rot is not None and not (set(rot) == {"block", "seed"} and _is_int(rot["block"]) and rot["block"] > 0
+                                and _is_int(rot["seed"])):
+        raise PTQStateError(f"rotation must be null or {{'block': int > 0, 'seed': int}}, got {rot!r}")
+    _check_experts(meta["experts"])
+
+
+def _check_experts(experts: list) -> None:
+    if not experts:
+        raise PTQStateError("no experts in metadata")
+    names = []
+    for ex in experts:
+        if not (isinstance(ex, dict) and set(ex) == {"name", "layers", "fingerprint"}):
+            raise PTQStateError("each expert must be an object with exactly name, layers, fingerprint")
+        name, layers, fp = ex["name"], ex["layers"], ex["fingerprint"]
+        if not (isinstance(name, str) and _EXPERT_RE.fullmatch(name)):
+            raise PTQStateError(f"bad expert name {name!r}")
+        names.append(name)
+        try:
+            wan.check_fingerprint(fp)
+        except ValueError as e:
+            raise PTQStateError(f"expert {name!r}: {e}") from None
+        if not (isinstance(layers, list) and layers and all(isinstance(n, str) for n in layers)):
+            raise PTQStateError(f"expert {name!r}: layers must be a non-empty list of names")
+        if len(set(layers)) != len(layers):
+            raise PTQStateError(f"expert {name!r}: duplicate layer names")
+        bad = [n for n in layers if not _LAYER_RE.fullmatch(n)]
+        if bad:
+            raise PTQStateError(f"expert {name!r}: bad layer names {_few(bad)}")
+        unknown = [n for n in layers if n not in fp["layers"]]
+        if unknown:
+            raise PTQStateError(f"expert {name!r}: layers not in its fingerprint: {_few(unknown)}")
+    if len(set(names)) != len(names):
+        raise PTQStateError(f"duplicate expert names in {names}")
+
+
+def _check_tensors(tensors: Mapping[str, Tensor], meta: dict) -> None:
+    experts = {ex["name"]: ex for ex in meta["experts"]}
+    strangers = {k.split("/", 1)[0] for k in tensors} - set(experts)
+    if strangers:
+        raise PTQStateError(f"tensors for experts not named in metadata: {_few(strangers)} "
+                            f"(metadata names {sorted(experts)})")
+    expected = {f"{e}/{ln}/{f}" for e, ex in experts.items() for ln in ex["layers"] for f in TENSOR_FIELDS}
+    if expected - set(tensors):
+        raise PTQStateError(f"missing tensors: {_few(expected - set(tensors))}")
+    if set(tensors) - expected:
+        raise PTQStateError(f"unexpected tensors: {_few(set(tensors) - expected)}")
+    for e, ex in experts.items():
+        for ln in ex["layers"]:
+            channels = ex["fingerprint"]["layers"][ln][1]
+            for f in TENSOR_FIELDS:
+                key = f"{e}/{ln}/{f}"
+                t = tensors[key]
+                if t.dtype != torch.float32:
+                    raise PTQStateError(f"tensor {key!r} has dtype {t.dtype}, expected torch.float32")
+                if tuple(t.shape) != (channels,):
+                    raise PTQStateError(f"tensor {key!r} has shape {tuple(t.shape)}, expected ({channels},) "
+                                        f"= in_features of {ln} in the fingerprint")
+                if not torch.isfinite(t).all():
+                    raise PTQStateError(f"tensor {key!r} has NaN/Inf values")
+                if f == "mask" and not (t > 0).all():
+                    raise PTQStateError(f"tensor {key!r} has non-positive mask values")
+                if f != "mask" and (t < 0).any():
+                    raise PTQStateError(f"tensor {key!r} has negative statistics")
+            absmax, tail = tensors[f"{e}/{ln}/absmax"], tensors[f"{e}/{ln}/tail"]
+            if (tail > absmax * (1 + _TAIL_SLACK)).any():
+                raise PTQStateError(f"layer {e}/{ln}: tail statistic exceeds absmax")
+
+
+def compute_checksum(tensors: Mapping[str, Tensor], meta: Mapping) -> str:
+    """sha256 over the canonical metadata (minus the checksum) and, in sorted name
+    order, each tensor's name, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    h.update(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _validate(tensors: Mapping[str, Tensor], meta) -> None:
+    _check_metadata(meta)
+    _check_tensors(tensors, meta)
+    if compute_checksum(tensors, meta) != meta["checksum"]:
+        raise PTQStateError("checksum mismatch: the file was modified or corrupted")
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+def encode_state(state: PTQState) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of a state, validated exactly as load_state would."""
+    tensors = {}
+    for e, ex in state.experts.items():
+        for ln, ls in ex.layers.items():
+            for f in TENSOR_FIELDS:
+                t = getattr(ls, f)
+                if not isinstance(t, Tensor):
+                    raise PTQStateError(f"{e}/{ln}/{f} is not a tensor")
+                tensors[f"{e}/{ln}/{f}"] = t.detach().to("cpu").contiguous()
+    meta = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hif4_spec": state.hif4_spec,
+        "method": state.method, "alpha": state.alpha, "percentile": state.percentile,
+        "statistic": state.statistic, "rotation": state.rotation, "model_family": state.model_family,
+        "model_variant": state.model_variant,
+        "experts": [{"name": e, "layers": list(ex.layers), "fingerprint": ex.fingerprint}
+                    for e, ex in state.experts.items()],
+        "calibration": state.calibration, "tool_version": state.tool_version, "extra": state.extra,
+    }
+    try:  # normalise to what JSON gives back (tuples -> lists, numpy/torch scalars rejected)
+        meta = json.loads(json.dumps(meta, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise PTQStateError(f"metadata is not JSON-serialisable: {e}") from None
+    meta["checksum"] = compute_checksum(tensors, meta)
+    _validate(tensors, meta)
+    return tensors, {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def decode_state(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None) -> PTQState:
+    """Validate tensors + safetensors metadata and build the PTQState."""
+    if not metadata or METADATA_KEY not in metadata:
+        raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
+                            f"(wrong format name)")
+    try:
+        meta = json.loads(metadata[METADATA_KEY], parse_constant=_reject_constant)
+    except (TypeError, ValueError) as e:
+        raise PTQStateError(f"bad metadata JSON: {e}") from None
+    _validate(tensors, meta)
+    experts = {
+        ex["name"]: ExpertState(
+            layers={ln: LayerState(*(tensors[f"{ex['name']}/{ln}/{f}"] for f in TENSOR_FIELDS))
+                    for ln in ex["layers"]},
+            fingerprint=ex["fingerprint"])
+        for ex in meta["experts"]}
+    return PTQState(experts=experts, alpha=float(meta["alpha"]), percentile=float(meta["percentile"]),
+                    statistic=meta["statistic"], rotation=meta["rotation"], model_family=meta["model_family"],
+                    model_variant=meta["model_variant"], calibration=meta["calibration"],
+                    hif4_spec=meta["hif4_spec"], method=meta["method"], tool_version=meta["tool_version"],
+                    extra=meta["extra"])
+
+
+# --------------------------------------------------------------------------- files
+
+def safe_state_path(directory: str | os.PathLike, name: str) -> str:
+    """Join a user-supplied bare file name to `directory`, refusing anything that could
+    point elsewhere: separators, '..', absolute or drive paths, hidden names, NUL,
+    and names not ending in .safetensors."""
+    if not isinstance(name, str) or not name:
+        raise PTQStateError("state name must be a non-empty string")
+    if "/" in name or "\\" in name or "\0" in name or os.path.isabs(name) or re.match(r"[A-Za-z]:", name):
+        raise PTQStateError(f"state name {name!r} must be a bare file name (no separators or drive)")
+    if ".." in name or name.startswith("."):
+        raise PTQStateError(f"state name {name!r} must not contain '..' or start with '.'")
+    if not name.endswith(SUFFIX) or len(name) == len(SUFFIX) or len(name) > 255:
+        raise PTQStateError(f"state name {name!r} must be a name ending in {SUFFIX}")
+    base = os.path.abspath(directory)
+    path = os.path.join(base, name)
+    if os.path.dirname(path) != base:
+        raise PTQStateError(f"state name {name!r} escapes {base}")
+    return path
+
+
+def save_state(path: str | os.PathLike, state: PTQState) -> str:
+    """Validate and write atomically: temp file in the same directory, fsync, os.replace.
+    The temp file is removed on any failure. Returns the path written."""
+    path = os.fspath(path)
+    if not path.endswith(SUFFIX):
+        raise PTQStateError(f"state file {path!r} must end in {SUFFIX}")
+    tensors, metadata = encode_state(state)
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; states are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _read_header(path: str) -> dict:
+    """Parse the safetensors header defensively (length bounds, JSON object)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise PTQStateError(f"not a safetensors file: {path} is only {size} bytes")
+            n = int.from_bytes(prefix, "little")
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise PTQStateError(f"not a safetensors file: header length {n} exceeds the file size "
+                                    f"{size} or the {MAX_HEADER_BYTES}-byte limit")
+            raw = f.read(n)
+    except OSError as e:
+        raise PTQStateError(f"cannot read {path}: {e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PTQStateError(f"not a safetensors file: unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise PTQStateError("not a safetensors file: header is not a JSON object")
+    return header
+
+
+def load_state(path: str | os.PathLike) -> PTQState:
+    """Read and fully validate a PTQ state file; every problem raises PTQStateError."""
+    path = os.fspath(path)
+    header = _read_header(path)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
+                            f"(wrong format name)")
+    bad = [k for k, v in header.items() if k != "__metadata__" and not (isinstance(v, dict) and v.get("dtype") == "F32")]
+    if bad:
+        raise PTQStateError(f"tensors with wrong dtype (all must be F32): {_few(bad)}")
+    try:
+        tensors = safetensors.torch.load_file(path)
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise PTQStateError(f"not a readable safetensors file: {e}") from None
+    return decode_state(tensors, metadata)
+
+
+def validate_against_model(state: PTQState, expert: str,
+                           layer_shapes: Mapping[str, Sequence[int]] | nn.Module) -> None:
+    """Raise PTQStateError naming the first layer of `expert` that the model lacks or
+    whose in_features differ. `layer_shapes`: {name: (out, in)} such as
+    wan.linear_shapes(model), or a module / state dict (converted the same way)."""
+    if expert not in state.experts:
+        raise PTQStateError(f"state has no expert {expert!r}; it has {state.expert_names}")
+    if isinstance(layer_shapes, nn.Module) or any(k.endswith(".weight") for k in layer_shapes):
+        layer_shapes = wan.linear_shapes(layer_shapes)
+    for name, ls in state.experts[expert].layers.items():
+        if name not in layer_shapes:
+            raise PTQStateError(f"layer {name!r} of expert {expert!r} is not a Linear of the model")
+        in_features = int(layer_shapes[name][-1])
+        if in_features != ls.channels:
+            raise PTQStateError(f"layer {name!r} of expert {expert!r}: model has {in_features} input "
+                                f"channels, state has {ls.channels}")

@@ -1,0 +1,154 @@
+"""HiF4CalibrateWan22: sample a few prompts through ComfyUI's own sampler with
+observers on every main Linear, turn the statistics into channel masks, save the
+PTQ state into calib_states and return it."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import comfy.samplers
+
+from hifloat4 import smoothing as hsmoothing
+from hifloat4 import state as hstate
+from hifloat4 import wan as hwan
+
+from . import comfy_glue as glue
+from . import policy
+
+CATEGORY = "hifloat4"
+
+
+class HiF4CalibrateWan22:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_high_noise": ("MODEL", {"tooltip": "The Wan2.2 high-noise expert (or the only model, "
+                                                          "e.g. TI2V-5B)."}),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT", {"tooltip": "Calibration resolution and length."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Noise seed of the first prompt; prompt i uses seed + i."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple"}),
+                "switch_step": ("INT", {"default": -1, "min": -1, "max": 10000,
+                                        "tooltip": "Step at which the low-noise expert takes over; -1 derives it "
+                                                   "from Wan2.2's boundary sigma (0.875 T2V, 0.9 I2V)."}),
+                "percentile": ("FLOAT", {"default": 99.9, "min": 50.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "Tail statistic of |x| per input channel."}),
+                "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Migration strength: m = max|W|^alpha / a^(1 - alpha)."}),
+                "filename_prefix": ("STRING", {"default": "wan22_hif4",
+                                               "tooltip": "Saved as <prefix>_NNNNN.safetensors in calib_states."}),
+            },
+            "optional": {
+                "model_low_noise": ("MODEL", {"tooltip": "The Wan2.2-A14B low-noise expert; leave empty for a "
+                                                         "single-model Wan (TI2V-5B)."}),
+                "clip": ("CLIP", {"tooltip": "Text encoder for extra_prompts."}),
+                "extra_prompts": ("STRING", {"default": "", "multiline": True,
+                                             "tooltip": "More calibration prompts, one per line, each sampled "
+                                                        "in turn with the same negative."}),
+            },
+        }
+
+    RETURN_TYPES = ("PTQ_STATE",)
+    RETURN_NAMES = ("ptq_state",)
+    OUTPUT_NODE = True
+    FUNCTION = "calibrate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Calibrates HiFloat4 W4A4 channel masks for Wan2.2 (tail-aware: a high percentile of each "
+                   "input channel instead of its maximum) and saves them to calib_states.")
+
+    def calibrate(self, model_high_noise, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                  scheduler, switch_step, percentile, alpha, filename_prefix, model_low_noise=None, clip=None,
+                  extra_prompts=""):
+        high, low = model_high_noise, model_low_noise
+        policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
+        for m in (high, low):
+            if m is not None and glue.is_quantized(m):
+                raise ValueError("calibrate the original model, not the output of 'Apply HiFloat4 W4A4'")
+        variant = hwan.detect_variant(glue.wan_root(high))
+        if low is not None:
+            low_variant = hwan.detect_variant(glue.wan_root(low))
+            if hwan.linear_shapes(glue.wan_root(low)) != hwan.linear_shapes(glue.wan_root(high)):
+                raise ValueError(f"the two experts differ: high-noise is {variant.describe()}, "
+                                 f"low-noise is {low_variant.describe()}")
+        texts = policy.split_prompts(extra_prompts)
+        if texts and clip is None:
+            raise ValueError("extra_prompts needs the clip input to encode them")
+        conds = [positive] + [glue.encode_prompt(clip, t) for t in texts]
+
+        settings = {"prompts": len(conds), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
+                    "cfg": cfg, "seed": seed, "latent_shape": list(latent_image["samples"].shape),
+                    **policy.video_size(latent_image["samples"].shape)}
+        if low is not None:
+            boundary = policy.boundary_sigma(variant.kind) if switch_step == -1 else None
+            sigmas = glue.schedule_sigmas(high, steps, sampler_name, scheduler)
+            switch = policy.resolve_switch_step(switch_step, sigmas, boundary)
+            settings.update(switch_step=switch, boundary_sigma=boundary)
+            experts = {policy.HIGH: high, policy.LOW: low}
+        else:
+            switch = None
+            experts = {policy.SINGLE: high}
+
+        progress = glue.Progress(len(conds) * steps)
+        with contextlib.ExitStack() as stack:
+            sessions = {name: stack.enter_context(glue.CalibrationSession(m, percentile))
+                        for name, m in experts.items()}
+            for i, cond in enumerate(conds):
+                glue.check_interrupt()
+                self._sample_prompt(sessions, cond, negative, latent_image, policy.prompt_seed(seed, i), steps,
+                                    cfg, sampler_name, scheduler, switch, progress)
+            stats = {name: s.statistics() for name, s in sessions.items()}
+            settings["calls"] = {name: s.calls() for name, s in sessions.items()}
+            settings["sigma_range"] = {name: s.sigma_range() for name, s in sessions.items()}
+
+        state = hstate.PTQState(
+            experts={name: self._expert_state(experts[name], stats[name], alpha) for name in experts},
+            alpha=float(alpha), percentile=float(percentile), statistic="tail", rotation=None,
+            model_family=variant.family, model_variant=variant.variant, calibration=settings)
+        name, subfolder = self._save(state, filename_prefix)
+        return {"ui": {"hifloat4_states": [{"filename": name, "subfolder": subfolder, "type": glue.FOLDER}],
+                       "text": [f"saved {os.path.join(subfolder, name)}: {', '.join(experts)}, "
+                                f"{len(conds)} prompt(s) x {steps} steps"]},
+                "result": (state,)}
+
+    @staticmethod
+    def _sample_prompt(sessions, cond, negative, latent, seed, steps, cfg, sampler_name, scheduler, switch,
+                       progress):
+        common = dict(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=cond,
+                      negative=negative, on_step=progress.step)
+        if switch is None:
+            glue.sample_segment(sessions[policy.SINGLE].clone, latent, seed, start_step=None, last_step=None,
+                                add_noise=True, force_full_denoise=True, **common)
+            progress.advance(steps)
+            return
+        # KSamplerAdvanced pair: high noise keeps its leftover noise, low noise finishes
+        mid = glue.sample_segment(sessions[policy.HIGH].clone, latent, seed, start_step=0, last_step=switch,
+                                  add_noise=True, force_full_denoise=False, **common)
+        progress.advance(switch)
+        glue.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
+                            add_noise=False, force_full_denoise=True, **common)
+        progress.advance(steps - switch)
+
+    @staticmethod
+    def _expert_state(model, stats, alpha) -> hstate.ExpertState:
+        modules = glue.linear_modules(model, list(stats))
+        layers = {}
+        for name, st in stats.items():
+            wmax = hsmoothing.weight_absmax(glue.effective_weight(model, name, modules[name]))
+            layers[name] = hstate.make_layer_state(wmax, st.absmax, st.tail, alpha=float(alpha), statistic="tail")
+        return hstate.ExpertState(layers=layers, fingerprint=glue.model_fingerprint(model))
+
+    @staticmethod
+    def _save(state, filename_prefix) -> tuple[str, str]:
+        subfolder, base = policy.split_prefix(filename_prefix)
+        root = glue.save_dir()
+        folder = os.path.join(root, subfolder)
+        os.makedirs(folder, exist_ok=True)
+        name = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
+        hstate.save_state(hstate.safe_state_path(folder, name), state)
+        return name, subfolder

@@ -1,0 +1,126 @@
+"""The calibrate node called in-process on real ComfyUI models: extra prompts through
+a CLIP, one progress bar over prompts x steps, cancel through the progress hook."""
+import importlib
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+LATENT = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+
+
+def conditioning(seed):
+    """umt5-shaped like the harness's random conditioning."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.zeros(1, 512, 4096)
+    ctx[:, :24] = torch.randn(1, 24, 4096, generator=g) * 0.2
+    return [[ctx, {}]]
+
+
+class FakeClip:
+    """CLIPTextEncode's two calls, recording the texts."""
+
+    def __init__(self):
+        self.texts = []
+
+    def tokenize(self, text):
+        self.texts.append(text)
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return conditioning(100 + len(self.texts))
+
+
+@pytest.fixture
+def nodes(comfy):
+    return {name: importlib.import_module(f"comfyui_hifloat4.nodes.{name}") for name in ("calibrate", "policy")}
+
+
+@pytest.fixture
+def calib_dir(comfy, tmp_path, monkeypatch):
+    monkeypatch.setitem(comfy["folder_paths"].folder_names_and_paths, "calib_states",
+                        ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+@pytest.fixture
+def progress(comfy, monkeypatch):
+    """Every ProgressBar update as (value, total); set .raise_at to cancel there."""
+    import comfy.utils
+
+    class Log(list):
+        raise_at = None
+
+    log = Log()
+
+    def hook(value, total, preview, node_id=None):
+        log.append((value, total))
+        if log.raise_at is not None and value >= log.raise_at:
+            raise comfy.model_management.InterruptProcessingException()
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    return log
+
+
+@pytest.fixture
+def pair(load_unet):
+    return load_unet("tiny_wan2.2_t2v_high_noise.safetensors"), load_unet("tiny_wan2.2_t2v_low_noise.safetensors")
+
+
+def calibrate(nodes, pair, **kw):
+    args = dict(model_high_noise=pair[0], positive=conditioning(1), negative=conditioning(2), latent_image=LATENT,
+                seed=3, steps=4, cfg=3.5, sampler_name="euler", scheduler="simple", switch_step=-1,
+                percentile=99.9, alpha=0.5, filename_prefix="run/t2v", model_low_noise=pair[1])
+    args.update(kw)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return nodes["calibrate"].HiF4CalibrateWan22().calibrate(**args)
+
+
+def test_extra_prompts_are_encoded_with_the_clip_and_sampled(nodes, pair, calib_dir, progress):
+    clip = FakeClip()
+    out = calibrate(nodes, pair, clip=clip, extra_prompts="a cat\n\n  the sea \n")
+    state = out["result"][0]
+    assert clip.texts == ["a cat", "the sea"]
+    assert state.calibration["prompts"] == 3
+    assert (calib_dir / "run" / "t2v_00001.safetensors").is_file()
+
+
+def test_one_progress_bar_spans_prompts_times_steps(nodes, pair, calib_dir, progress):
+    calibrate(nodes, pair, clip=FakeClip(), extra_prompts="a cat")
+    values = [v for v, _ in progress]
+    assert {t for _, t in progress} == {8} and values == sorted(values) and values[-1] == 8
+
+
+def test_switch_step_minus_one_comes_from_the_t2v_boundary(nodes, pair, calib_dir, progress, comfy):
+    state = calibrate(nodes, pair)["result"][0]
+    sigmas = comfy["glue"].schedule_sigmas(pair[0], 4, "euler", "simple")
+    assert state.calibration["switch_step"] == nodes["policy"].switch_step_from_sigmas(sigmas, 0.875)
+    high, low = state.calibration["sigma_range"]["high_noise"], state.calibration["sigma_range"]["low_noise"]
+    assert high[0] >= 0.875 > low[1]
+
+
+def test_cancel_raises_writes_no_file_and_removes_observers(nodes, pair, calib_dir, progress, comfy):
+    progress.raise_at = 3
+    with pytest.raises(comfy["comfy.model_management"].InterruptProcessingException):
+        calibrate(nodes, pair)
+    assert not list(calib_dir.rglob("*.safetensors"))
+    glue = comfy["glue"]
+    for model in pair:
+        for m in glue.wan_root(model).modules():
+            assert not isinstance(m.__dict__.get("forward"), glue._Observer)
+
+
+def test_extra_prompts_without_clip_are_refused_before_sampling(nodes, pair, calib_dir, progress):
+    with pytest.raises(ValueError, match="clip"):
+        calibrate(nodes, pair, extra_prompts="a cat")
+    assert progress == []
+
+
+def test_saved_state_loads_back_identical(nodes, pair, calib_dir, progress):
+    from hifloat4.state import load_state
+    state = calibrate(nodes, pair)["result"][0]
+    loaded = load_state(calib_dir / "run" / "t2v_00001.safetensors")
+    assert loaded.expert_names == ["high_noise", "low_noise"]
+    for name, ex in state.experts.items():
+        assert ex.fingerprint == loaded.experts[name].fingerprint
+        for ln, ls in ex.layers.items():
+            assert torch.equal(ls.mask, loaded.experts[name].layers[ln].mask)

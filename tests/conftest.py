@@ -1,0 +1,16 @@
+"""Shared fixtures: run the HiF4 kernels both ways (C++ CPU kernel and pure torch)."""
+from __future__ import annotations
+
+import pytest
+
+from hifloat4 import cpu_kernels
+
+
+@pytest.fixture(params=["cpu-kernel", "torch"])
+def implementation(request, monkeypatch):
+    """Runs a test once with the C++ CPU kernels and once with the torch implementation."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif cpu_kernels.load() is None:
+        pytest.skip("C++ CPU kernels could not be built here (see the warning); torch path still tested")
+    return request.param

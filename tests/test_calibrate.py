@@ -1,0 +1,252 @@
+"""Specification of hifloat4.calibrate: observers, state building, the two-expert sampler."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hifloat4 import wan
+from hifloat4.calibrate import (HIGH, LOW, CalibConfig, build_state, calibrate, expert_call, flow_sigmas,
+                                layers_from_state, observe, sample_two_expert, switch_step_from_boundary)
+from hifloat4.linear import HiF4Linear, quantize_
+from hifloat4.rotation import Rotation
+from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
+from hifloat4.state import load_state, save_state
+from hifloat4.stats import ChannelStats
+from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+
+LATENT = (1, 16, 2, 8, 8)  # 32 tokens per sample: fast, and still two patches per frame axis
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU oversubscribed
+    OpenMP threads make their small ops up to ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(expert: str = HIGH):
+    return make_tiny_wan("t2v", dim=128, ffn_dim=256, layers=2, text_dim=64, expert=expert)
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return {HIGH: tiny(HIGH), LOW: tiny(LOW)}
+
+
+@pytest.fixture(scope="module")
+def contexts():
+    g = torch.Generator().manual_seed(0)
+    return 0.2 * torch.randn(1, 16, 64, generator=g), 0.2 * torch.randn(1, 16, 64, generator=g)
+
+
+def _observed_forward(model, timesteps=(500.0, 900.0)):
+    x, _, ctx = example_inputs(model, frames=2, height=8, width=8, text_len=16)
+    with observe(model) as stats, torch.no_grad():
+        for t in timesteps:
+            model(x, torch.tensor([t]), ctx)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def state(experts):
+    return build_state({name: (m, _observed_forward(m)) for name, m in experts.items()}, CalibConfig(),
+                       calibration={"prompts": 1, "steps": 2, "seed": 0})
+
+
+# --------------------------------------------------------------------------- observe
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_observe_collects_the_same_statistics_as_channel_stats_fed_directly():
+    model, xs = _mlp(), [torch.randn(4, 7, 6), torch.randn(2, 11, 6) * 3]
+    expected = {"0": ChannelStats(6, 99.0), "2": ChannelStats(5, 99.0)}
+    with torch.no_grad():
+        for x in xs:
+            expected["0"].update(x)
+            expected["2"].update(model[1](model[0](x)))
+    with observe(model, ["0", "2"], percentile=99.0) as stats, torch.no_grad():
+        for x in xs:
+            model(x)
+    for name, exp in expected.items():
+        assert torch.equal(stats[name].absmax, exp.absmax)
+        assert torch.equal(stats[name].tail, exp.tail)
+        assert (stats[name].calls, stats[name].tokens) == (exp.calls, exp.tokens)
+
+
+def test_observe_defaults_to_the_wan_main_layers():
+    model = tiny()
+    with observe(model) as stats:
+        assert list(stats) == wan.main_linear_names(model)
+
+
+def test_observe_removes_its_hooks_on_exit():
+    model = _mlp()
+    with observe(model, ["0", "2"]):
+        assert all(len(model[i]._forward_pre_hooks) == 1 for i in (0, 2))
+    assert all(len(model[i]._forward_pre_hooks) == 0 for i in (0, 2))
+
+
+def test_observe_removes_its_hooks_when_the_block_raises():
+    model = _mlp()
+    with pytest.raises(RuntimeError, match="boom"):
+        with observe(model, ["0", "2"]):
+            raise RuntimeError("boom")
+    assert all(len(model[i]._forward_pre_hooks) == 0 for i in (0, 2))
+
+
+def test_observe_refuses_names_that_are_not_linear_layers():
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        with observe(_mlp(), ["1"]):
+            pass
+
+
+# --------------------------------------------------------------------------- build_state
+
+def test_build_state_masks_follow_the_configured_statistic_and_alpha(experts):
+    model = experts[HIGH]
+    stats = _observed_forward(model)
+    config = CalibConfig(alpha=0.3, statistic="max")
+    layer = build_state({HIGH: (model, stats)}, config).experts[HIGH].layers["blocks.1.ffn.2"]
+    want = channel_mask(weight_absmax(model.blocks[1].ffn[2].weight), stats["blocks.1.ffn.2"].absmax,
+                        MaskConfig(alpha=0.3, statistic="max"))
+    assert torch.equal(layer.mask, want)
+
+
+def test_build_state_records_metadata_variant_and_fingerprints(state, experts):
+    assert (state.alpha, state.percentile, state.statistic, state.rotation) == (0.5, 99.9, "tail", None)
+    assert state.model_family == "wan2.2" and state.model_variant == wan.detect_variant(experts[HIGH]).variant
+    assert state.experts[LOW].fingerprint == wan.fingerprint(experts[LOW])
+    assert state.calibration["prompts"] == 1 and state.calibration["observed"][HIGH]["calls"] == 2
+
+
+def test_build_state_round_trips_through_save_and_load_exactly(state, tmp_path):
+    loaded = load_state(save_state(tmp_path / "s.safetensors", state))
+    assert loaded.calibration == state.calibration and loaded.extra == state.extra
+    for name, ex in state.experts.items():
+        assert list(loaded.experts[name].layers) == list(ex.layers)
+        for ln, ls in ex.layers.items():
+            got = loaded.experts[name].layers[ln]
+            assert all(torch.equal(getattr(got, f), getattr(ls, f)) for f in ("mask", "absmax", "tail", "wmax"))
+
+
+def test_build_state_stores_the_rotation(experts):
+    model = experts[HIGH]
+    state = build_state({HIGH: (model, _observed_forward(model))}, CalibConfig(rotation=Rotation(block=64, seed=3)))
+    assert state.rotation == {"block": 64, "seed": 3}
+
+
+def test_build_state_refuses_an_expert_that_was_never_called(experts):
+    model = experts[LOW]
+    with observe(model) as stats:
+        pass
+    with pytest.raises(ValueError, match="never saw an input"):
+        build_state({LOW: (model, stats)}, CalibConfig())
+
+
+def test_calib_config_rejects_a_percentile_out_of_range():
+    with pytest.raises(ValueError, match="percentile"):
+        CalibConfig(percentile=0.0)
+
+
+# --------------------------------------------------------------------------- calibrate + quantize
+
+def test_calibrate_observes_each_expert_only_while_run_drives_it(experts, contexts):
+    ctx, neg = contexts
+    run = lambda: sample_two_expert(experts[HIGH], experts[LOW], LATENT, ctx, neg, steps=4, switch_step=1)  # noqa: E731
+    state = calibrate(experts, run, CalibConfig())
+    assert state.calibration["observed"] == {HIGH: {"calls": 1, "tokens": 64}, LOW: {"calls": 3, "tokens": 192}}
+    assert all(not m._forward_pre_hooks for e in experts.values() for m in e.modules())
+
+
+def test_layers_from_state_gives_every_main_layer_its_mask_and_the_rotation(state):
+    rotated = copy.copy(state)
+    rotated.rotation = {"block": 64, "seed": 1}
+    layers = layers_from_state(rotated, LOW)
+    assert list(layers) == list(state.experts[LOW].layers)
+    assert torch.equal(layers["blocks.0.ffn.0"].mask, state.experts[LOW].layers["blocks.0.ffn.0"].mask)
+    assert {q.rotation for q in layers.values()} == {Rotation(block=64, seed=1)}
+
+
+def test_quantized_model_differs_from_float_but_stays_close(state, experts):
+    """HiF4 keeps 3 magnitude bits per value: one quantized tensor has a relative RMS
+    error of a few percent, a W4A4 product of two such tensors ~10%, and the residual
+    stream keeps the end-to-end error of that order (measured ~0.08-0.13 on this
+    model). 0.25 leaves a 2x margin; 0.01 proves quantization is really applied."""
+    model = experts[HIGH]
+    quantized = quantize_(copy.deepcopy(model), layers_from_state(state, HIGH))
+    assert sum(isinstance(m, HiF4Linear) for m in quantized.modules()) == len(wan.main_linear_names(model))
+    x, t, ctx = example_inputs(model, frames=2, height=8, width=8, text_len=16, timestep=700.0, seed=5)
+    with torch.no_grad():
+        ref, out = model(x, t, ctx), quantized(x, t, ctx)
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0.01 < rel < 0.25
+
+
+# --------------------------------------------------------------------------- sampler
+
+def test_flow_sigmas_are_comfyui_simple_with_wan_shift():
+    s = torch.linspace(1, 0, 9, dtype=torch.float64)[:-1]
+    want = torch.cat([5 * s / (1 + 4 * s), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(flow_sigmas(8, 5.0), want, rtol=0, atol=1e-12)
+
+
+def test_switch_step_is_the_first_step_below_the_boundary():
+    assert switch_step_from_boundary([1.0, 0.9, 0.875, 0.5, 0.0], 0.875) == 3  # 0.875 itself is still high noise
+    assert switch_step_from_boundary(flow_sigmas(8, 5.0), 0.875) == 4  # sigmas 1, .972, .938, .893 | .833
+
+
+def test_switch_step_is_the_step_count_when_no_sigma_is_below_the_boundary():
+    assert switch_step_from_boundary([1.0, 0.95, 0.0], 0.875) == 2
+
+
+def test_sampler_is_deterministic_for_a_seed(experts, contexts):
+    ctx, neg = contexts
+    run = lambda seed: sample_two_expert(experts[HIGH], experts[LOW], LATENT, ctx, neg, 3, seed=seed)  # noqa: E731
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampler_runs_the_high_noise_expert_before_the_switch_step_and_the_low_after(experts, contexts):
+    ctx, neg = contexts
+    seen = []
+    sample_two_expert(experts[HIGH], experts[LOW], LATENT, ctx, neg, steps=4, switch_step=3,
+                      callback=lambda r: seen.append(r.expert))
+    assert seen == [HIGH, HIGH, HIGH, LOW]
+
+
+def test_sampler_batches_cond_and_uncond_in_one_call_per_step(experts, contexts):
+    ctx, neg = contexts
+    batches = []
+    handle = experts[HIGH].register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        sample_two_expert(experts[HIGH], None, LATENT, ctx, neg, steps=2, cfg=5.0)
+    finally:
+        handle.remove()
+    assert batches == [2, 2]
+
+
+def test_sampler_applies_classifier_free_guidance_to_the_batched_output(experts, contexts):
+    ctx, neg = contexts
+    records = []
+    sample_two_expert(experts[HIGH], None, LATENT, ctx, neg, steps=1, cfg=4.0, callback=records.append)
+    r = records[0]
+    cond = expert_call(experts[HIGH], r.x, r.sigma, ctx, None, 1.0)
+    uncond = expert_call(experts[HIGH], r.x, r.sigma, neg, None, 1.0)
+    torch.testing.assert_close(r.velocity, uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_final_euler_step_lands_on_the_denoised_latent(experts, contexts):
+    ctx, neg = contexts
+    records = []
+    out = sample_two_expert(experts[HIGH], None, LATENT, ctx, neg, steps=1, cfg=1.0, callback=records.append)
+    r = records[0]  # sigma 1 -> 0: x0 = x - sigma * v (flow matching)
+    torch.testing.assert_close(out, r.x - r.sigma * r.velocity)

@@ -1,0 +1,163 @@
+"""Specification of nodes/policy.py: the pure decisions of the ComfyUI nodes
+(expert handoff step, prompts, state file names, expert selection). Plain CPU,
+no ComfyUI."""
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_policy():
+    # by path: the name `nodes` belongs to ComfyUI's own module when ComfyUI is importable
+    spec = importlib.util.spec_from_file_location("hifloat4_nodes_policy", ROOT / "nodes" / "policy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+policy = _load_policy()
+
+# ComfyUI "simple" schedule, 4 steps, ModelSamplingSD3 shift 5 (values rounded)
+SHIFT5_4STEPS = [1.0, 0.9375, 0.8333, 0.625, 0.0]
+
+
+# --------------------------------------------------------------------------- handoff
+
+def test_boundary_sigma_is_0875_for_t2v_and_09_for_i2v():
+    assert policy.boundary_sigma("t2v") == 0.875
+    assert policy.boundary_sigma("i2v") == 0.9
+
+
+def test_boundary_sigma_refuses_single_model_kinds():
+    with pytest.raises(ValueError, match="ti2v"):
+        policy.boundary_sigma("ti2v")
+
+
+def test_switch_step_counts_steps_starting_at_or_above_the_boundary():
+    assert policy.switch_step_from_sigmas(SHIFT5_4STEPS, 0.875) == 2
+    assert policy.switch_step_from_sigmas(SHIFT5_4STEPS, 0.9) == 2
+    assert policy.switch_step_from_sigmas(SHIFT5_4STEPS, 0.95) == 1
+
+
+def test_switch_step_includes_a_step_exactly_at_the_boundary():
+    assert policy.switch_step_from_sigmas([1.0, 0.875, 0.5, 0.0], 0.875) == 2
+
+
+def test_switch_step_ignores_the_final_sigma():
+    assert policy.switch_step_from_sigmas([1.0, 0.95, 0.9], 0.5) == 2
+
+
+def test_resolve_minus_one_derives_the_step_from_the_boundary():
+    assert policy.resolve_switch_step(-1, SHIFT5_4STEPS, 0.875) == 2
+
+
+def test_resolve_keeps_an_explicit_step():
+    assert policy.resolve_switch_step(3, SHIFT5_4STEPS, 0.875) == 3
+
+
+@pytest.mark.parametrize("step", [0, 4, 9])
+def test_resolve_refuses_a_step_that_leaves_one_expert_idle(step):
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        policy.resolve_switch_step(step, SHIFT5_4STEPS, 0.875)
+
+
+def test_resolve_refuses_a_boundary_that_leaves_the_low_expert_idle():
+    with pytest.raises(ValueError, match="boundary sigma"):
+        policy.resolve_switch_step(-1, [1.0, 0.99, 0.0], 0.9)
+
+
+def test_resolve_refuses_negative_steps_other_than_minus_one():
+    with pytest.raises(ValueError, match="-1"):
+        policy.resolve_switch_step(-2, SHIFT5_4STEPS, 0.875)
+
+
+# --------------------------------------------------------------------------- prompts
+
+def test_split_prompts_one_per_nonblank_line_stripped():
+    assert policy.split_prompts(" a cat \n\n  \nthe sea\r\n") == ["a cat", "the sea"]
+
+
+def test_split_prompts_of_nothing_is_empty():
+    assert policy.split_prompts("") == [] and policy.split_prompts(None) == []
+
+
+def test_prompt_seed_differs_per_prompt_and_wraps_at_64_bits():
+    assert [policy.prompt_seed(7, i) for i in range(3)] == [7, 8, 9]
+    assert policy.prompt_seed(2**64 - 1, 1) == 0
+
+
+# --------------------------------------------------------------------------- file names
+
+def test_next_counter_starts_at_one():
+    assert policy.next_counter([], "wan") == 1
+
+
+def test_next_counter_follows_the_highest_existing_number():
+    names = ["wan_00001.safetensors", "wan_00007.safetensors", "wan_00003.safetensors"]
+    assert policy.next_counter(names, "wan") == 8
+
+
+def test_next_counter_ignores_other_prefixes_and_extensions():
+    names = ["wan2_00009.safetensors", "wan_00009.json", "wan_x.safetensors", "other.safetensors"]
+    assert policy.next_counter(names, "wan") == 1
+
+
+def test_next_counter_treats_regex_characters_in_the_prefix_literally():
+    assert policy.next_counter(["a.b_00002.safetensors", "axb_00005.safetensors"], "a.b") == 3
+
+
+def test_state_filename_has_five_digit_counter():
+    assert policy.state_filename("wan22_hif4", 12) == "wan22_hif4_00012.safetensors"
+
+
+def test_split_prefix_separates_subfolder():
+    assert policy.split_prefix("wan22/t2v") == ("wan22", "t2v")
+    assert policy.split_prefix("plain") == ("", "plain")
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/x", "a/../../x", "C:/x", "", "dir/"])
+def test_split_prefix_refuses_names_leaving_calib_states(bad):
+    with pytest.raises(ValueError):
+        policy.split_prefix(bad)
+
+
+def test_is_state_name_accepts_only_safetensors():
+    assert policy.is_state_name("a/b.safetensors") and not policy.is_state_name("b.pt")
+
+
+def test_video_size_of_wan21_and_wan22_latents():
+    assert policy.video_size([1, 16, 21, 60, 104]) == {"width": 832, "height": 480, "frames": 81}
+    assert policy.video_size([1, 48, 31, 44, 80]) == {"width": 1280, "height": 704, "frames": 121}
+
+
+# --------------------------------------------------------------------------- experts
+
+def test_auto_takes_the_matched_expert():
+    assert policy.expert_for_request("auto", ["high_noise", "low_noise"], "low_noise") == "low_noise"
+
+
+def test_auto_without_a_match_refuses_and_names_the_experts_and_the_finding():
+    with pytest.raises(ValueError, match=r"(?s)high_noise, low_noise.*found t2v dim 256"):
+        policy.expert_for_request("auto", ["high_noise", "low_noise"], None, "found t2v dim 256")
+
+
+def test_explicit_expert_must_exist_in_the_state():
+    with pytest.raises(ValueError, match="no 'single' expert"):
+        policy.expert_for_request("single", ["high_noise", "low_noise"], None)
+
+
+def test_explicit_expert_is_taken_without_a_match():
+    assert policy.expert_for_request("high_noise", ["high_noise", "low_noise"], None) == "high_noise"
+
+
+def test_unknown_expert_request_is_refused():
+    with pytest.raises(ValueError, match="one of"):
+        policy.expert_for_request("medium", ["single"], None)
+
+
+def test_rotation_block_is_the_largest_power_of_two_dividing_k():
+    assert policy.rotation_block(13824, 512) == 512
+    assert policy.rotation_block(256, 512) == 256
+    assert policy.rotation_block(100, 512) == 4
