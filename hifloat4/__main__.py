@@ -1,13 +1,15 @@
-"""`python -m hifloat4 {demo,inspect,bench} ...`: dispatch to each tool's main(argv)."""
+"""`python -m hifloat4 {demo,inspect,bench,export,eval}`: dispatch to each tool's main(argv)."""
 from __future__ import annotations
 
 import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("hifloat4.demo", "tiny Wan2.2 end to end: calibrate, save, W4A4, compare"),
+    "demo": ("hifloat4.demo", "tiny Wan2.2 end to end: calibrate, save, reload, W4A4, compare"),
     "inspect": ("hifloat4.inspect_state", "show and validate a PTQ state file"),
-    "bench": ("hifloat4.bench", "speed and memory of the quantization kernels"),
+    "bench": ("hifloat4.bench", "speed and memory of the HiF4 kernels on this machine"),
+    "export": ("hifloat4.export", "write a Wan2.2 expert with packed HiF4 main weights"),
+    "eval": ("hifloat4.eval", "quality evaluation: tail-aware vs max vs none, formats, a real model"),
 }
 
 
@@ -17,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: python -m hifloat4 {" + ",".join(COMMANDS) + "} ...\n" + "\n".join(lines), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

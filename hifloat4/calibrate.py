@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from . import wan
 from .linear import LayerQuant
 from .rotation import Rotation
-from .smoothing import MaskConfig, Statistic, activation_statistic, channel_mask, weight_absmax
-from .state import ExpertState, LayerState, PTQState
+from .smoothing import MaskConfig, Statistic, weight_absmax
+from .state import ExpertState, PTQState, make_layer_state
 from .stats import ChannelStats
 
 WAN22_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}  # sigma at which Wan2.2-A14B hands over to the low-noise expert
@@ -45,10 +45,9 @@ class CalibConfig:
     alpha: float = 0.5
     statistic: Statistic = "tail"
     rotation: Rotation | None = None
-    clamp: tuple[float, float] = (1e-4, 1e4)
 
     def __post_init__(self) -> None:
-        self.mask_config()  # validates alpha, statistic and clamp with MaskConfig's own checks
+        self.mask_config()  # validates alpha and statistic with MaskConfig's own checks
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 100.0:
             raise ValueError(f"CalibConfig.percentile must be in (0, 100], got {p!r}")
@@ -56,7 +55,7 @@ class CalibConfig:
             raise ValueError(f"CalibConfig.rotation must be a Rotation or None, got {self.rotation!r}")
 
     def mask_config(self) -> MaskConfig:
-        return MaskConfig(alpha=self.alpha, statistic=self.statistic, clamp=self.clamp)
+        return MaskConfig(alpha=self.alpha, statistic=self.statistic)
 
 
 # --------------------------------------------------------------------------- observation
@@ -113,22 +112,24 @@ def _rotation_meta(rotation: Rotation | None) -> dict | None:
 
 
 def expert_state(model: nn.Module, stats: Mapping[str, ChannelStats], config: CalibConfig) -> ExpertState:
-    """Masks of one expert: wmax from the model's weights, a_c from its statistics."""
+    """Masks of one expert: wmax from the model's weights, a_c from its statistics.
+
+    Built with `state.make_layer_state` (statistics rounded to their storage dtypes,
+    the mask derived from the rounded values), so `state.remask` with the same
+    settings reproduces the masks bit for bit (the clamp is MaskConfig's, fixed).
+    """
     empty = [n for n, s in stats.items() if s.calls == 0]
     if empty:
         raise ValueError(f"{len(empty)} layer(s) never saw an input during calibration (e.g. {empty[0]}): "
                          f"was this expert ever called?")
     linears = _resolve_linears(model, list(stats))
-    mcfg = config.mask_config()
     layers = {}
     for name in wan.main_linear_names(model):  # policy order, whatever order the stats came in
         if name not in stats:
             continue
         st = stats[name]
-        wmax = weight_absmax(linears[name].weight.detach())
-        mask = channel_mask(wmax, activation_statistic(st, mcfg), mcfg)
-        layers[name] = LayerState(mask=mask.cpu(), absmax=st.absmax.float().cpu(), tail=st.tail.float().cpu(),
-                                  wmax=wmax.cpu())
+        layers[name] = make_layer_state(weight_absmax(linears[name].weight.detach()), st.absmax, st.tail,
+                                        alpha=config.alpha, statistic=config.statistic)
     if set(layers) != set(stats):
         raise ValueError(f"statistics for layers that are not Wan main layers: {sorted(set(stats) - set(layers))[:5]}")
     return ExpertState(layers=layers, fingerprint=wan.fingerprint(model))
@@ -139,15 +140,15 @@ def build_state(experts: Mapping[str, tuple[nn.Module, Mapping[str, ChannelStats
     """PTQState from each expert's model and statistics.
 
     `calibration` (settings such as prompts, steps, cfg, seed, switch step) is stored
-    as given, plus per-expert forward calls and tokens observed. The mask clamp is
-    recorded in `extra["mask_clamp"]`.
+    as given, plus per-expert forward calls and tokens observed.
     """
     if not experts:
         raise ValueError("no experts to build a state from")
     variants = {name: wan.detect_variant(model) for name, (model, _) in experts.items()}
     kinds = {(v.family, v.variant) for v in variants.values()}
     if len(kinds) > 1:
-        raise ValueError(f"experts are different models: {{{', '.join(f'{n}: {v.describe()}' for n, v in variants.items())}}}")
+        described = "; ".join(f"{n}: {v.describe()}" for n, v in variants.items())
+        raise ValueError(f"experts are different models ({described})")
     family, variant = kinds.pop()
     calib = dict(calibration or {})
     calib["observed"] = {name: {"calls": max((s.calls for s in stats.values()), default=0),
@@ -157,7 +158,7 @@ def build_state(experts: Mapping[str, tuple[nn.Module, Mapping[str, ChannelStats
         experts={name: expert_state(model, stats, config) for name, (model, stats) in experts.items()},
         alpha=float(config.alpha), percentile=float(config.percentile), statistic=config.statistic,
         rotation=_rotation_meta(config.rotation), model_family=family, model_variant=variant,
-        calibration=calib, extra={**dict(extra or {}), "mask_clamp": list(config.mask_config().clamp)})
+        calibration=calib, extra=dict(extra or {}))
 
 
 def calibrate(experts: Mapping[str, nn.Module], run: Callable[[], None], config: CalibConfig = CalibConfig(),

@@ -39,6 +39,12 @@ HIF4_SPEC_ID = "hif4-arxiv2602.11287-v1"
 METHOD = "tail-aware-smoothquant"
 METADATA_KEY = "hifloat4_ptq"
 TENSOR_FIELDS = ("mask", "absmax", "tail", "wmax")
+# Storage dtypes. Masks are used exactly as stored (fp16: 11 significant bits, range
+# covers the mask clamp); raw statistics only feed mask derivation, so bf16 (fp32's
+# range, 8 bits) is plenty. Masks are always derived from the *stored* statistics,
+# so re-deriving them with the same settings reproduces the stored masks bit for bit.
+# Together: 8 bytes per channel, 0.067% of a bf16 Wan2.2-A14B expert pair.
+FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16}
 STATISTICS = ("tail", "max", "none")
 SUFFIX = ".safetensors"
 TOOL_VERSION_FALLBACK = "0.1.0"
@@ -63,7 +69,7 @@ def tool_version() -> str:
 
 @dataclass
 class LayerState:
-    """Per-input-channel tensors of one quantized Linear, each (C,) fp32."""
+    """Per-input-channel tensors of one quantized Linear, each (C,), dtypes FIELD_DTYPES."""
 
     mask: Tensor
     absmax: Tensor
@@ -109,13 +115,15 @@ def _mask(wmax: Tensor, absmax: Tensor, tail: Tensor, alpha: float, statistic: s
     from hifloat4.smoothing import MaskConfig, channel_mask  # lazy: optional for plain I/O
 
     act = tail if statistic == "tail" else absmax
-    return channel_mask(wmax, act, MaskConfig(alpha=alpha, statistic=statistic)).float()
+    mask = channel_mask(wmax.float(), act.float(), MaskConfig(alpha=alpha, statistic=statistic))
+    return mask.to(FIELD_DTYPES["mask"])
 
 
 def make_layer_state(wmax: Tensor, absmax: Tensor, tail: Tensor, *, alpha: float, statistic: str) -> LayerState:
-    """LayerState with the mask derived from the statistics (hifloat4.smoothing.channel_mask)."""
-    f = [t.detach().float().cpu() for t in (wmax, absmax, tail)]
-    return LayerState(mask=_mask(*f, alpha, statistic), absmax=f[1], tail=f[2], wmax=f[0])
+    """LayerState: statistics rounded to their storage dtype, then the mask derived
+    from the rounded values (hifloat4.smoothing.channel_mask) and stored in fp16."""
+    wmax, absmax, tail = (t.detach().cpu().to(FIELD_DTYPES[f]) for t, f in ((wmax, "wmax"), (absmax, "absmax"), (tail, "tail")))
+    return LayerState(mask=_mask(wmax, absmax, tail, alpha, statistic), absmax=absmax, tail=tail, wmax=wmax)
 
 
 def remask(state: PTQState, alpha: float | None = None, statistic: str | None = None) -> PTQState:
@@ -239,8 +247,8 @@ def _check_tensors(tensors: Mapping[str, Tensor], meta: dict) -> None:
             for f in TENSOR_FIELDS:
                 key = f"{e}/{ln}/{f}"
                 t = tensors[key]
-                if t.dtype != torch.float32:
-                    raise PTQStateError(f"tensor {key!r} has dtype {t.dtype}, expected torch.float32")
+                if t.dtype != FIELD_DTYPES[f]:
+                    raise PTQStateError(f"tensor {key!r} has dtype {t.dtype}, expected {FIELD_DTYPES[f]}")
                 if tuple(t.shape) != (channels,):
                     raise PTQStateError(f"tensor {key!r} has shape {tuple(t.shape)}, expected ({channels},) "
                                         f"= in_features of {ln} in the fingerprint")
@@ -411,9 +419,10 @@ def load_state(path: str | os.PathLike) -> PTQState:
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
                             f"(wrong format name)")
-    bad = [k for k, v in header.items() if k != "__metadata__" and not (isinstance(v, dict) and v.get("dtype") == "F32")]
+    stored = {"F16", "BF16"}  # FIELD_DTYPES as safetensors names; the per-field check comes after loading
+    bad = [k for k, v in header.items() if k != "__metadata__" and not (isinstance(v, dict) and v.get("dtype") in stored)]
     if bad:
-        raise PTQStateError(f"tensors with wrong dtype (all must be F32): {_few(bad)}")
+        raise PTQStateError(f"tensors with wrong dtype (must be F16 or BF16): {_few(bad)}")
     try:
         tensors = safetensors.torch.load_file(path)
     except Exception as e:  # safetensors raises its own error types for malformed files

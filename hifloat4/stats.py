@@ -266,6 +266,7 @@ class ChannelStats:
 
     def update(self, x: Tensor) -> None:
         """Fold one call's input x[..., channels] into the running statistics."""
+        x = x.detach()  # statistics are not differentiable; inputs may come from a graph
         n, _ = _as_tokens(x, self.channels)
         if n == 0:
             return

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 VARIANT_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}
@@ -117,12 +118,8 @@ def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Softmax attention over [B, L, heads*d] tensors (q may be [B, L, heads, d])."""
-    b, lq = q.shape[:2]
-    q = q.reshape(b, lq, heads, -1).transpose(1, 2)
-    k = k.reshape(b, k.shape[1], heads, -1).transpose(1, 2)
-    v = v.reshape(b, v.shape[1], heads, -1).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, lq, -1)
+    q, k, v = (rearrange(t.flatten(2), "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
 
 
 class SelfAttention(nn.Module):
@@ -264,10 +261,8 @@ class TinyWan(nn.Module):
     def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """[B, L, prod(patch)*out_dim] (channel-last within a patch, as WanModel) -> video."""
         cfg = self.config
-        b = x.shape[0]
-        u = x.view(b, *grid, *cfg.patch_size, cfg.out_dim)
-        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
-        return u.reshape(b, cfg.out_dim, *(g * p for g, p in zip(grid, cfg.patch_size)))
+        (f, h, w), (p, q, r) = grid, cfg.patch_size
+        return rearrange(x, "b (f h w) (p q r c) -> b c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r)
 
 
 def init_like_harness(model: nn.Module, seed: int, outlier_channels: int = 3,

@@ -13,7 +13,7 @@ from hifloat4.calibrate import (HIGH, LOW, CalibConfig, build_state, calibrate, 
 from hifloat4.linear import HiF4Linear, quantize_
 from hifloat4.rotation import Rotation
 from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
-from hifloat4.state import load_state, save_state
+from hifloat4.state import load_state, remask, save_state
 from hifloat4.stats import ChannelStats
 from hifloat4.tiny_wan import example_inputs, make_tiny_wan
 
@@ -111,14 +111,28 @@ def test_observe_refuses_names_that_are_not_linear_layers():
 
 # --------------------------------------------------------------------------- build_state
 
-def test_build_state_masks_follow_the_configured_statistic_and_alpha(experts):
+def test_build_state_stores_the_observed_statistics_and_weight_absmax_at_storage_precision(experts):
     model = experts[HIGH]
     stats = _observed_forward(model)
+    layer = build_state({HIGH: (model, stats)}, CalibConfig()).experts[HIGH].layers["blocks.1.ffn.2"]
+    observed = stats["blocks.1.ffn.2"]
+    assert torch.equal(layer.absmax, observed.absmax.to(layer.absmax.dtype))
+    assert torch.equal(layer.tail, observed.tail.to(layer.tail.dtype))
+    assert torch.equal(layer.wmax, weight_absmax(model.blocks[1].ffn[2].weight).to(layer.wmax.dtype))
+
+
+def test_build_state_masks_follow_the_configured_statistic_and_alpha(experts):
+    model = experts[HIGH]
     config = CalibConfig(alpha=0.3, statistic="max")
-    layer = build_state({HIGH: (model, stats)}, config).experts[HIGH].layers["blocks.1.ffn.2"]
-    want = channel_mask(weight_absmax(model.blocks[1].ffn[2].weight), stats["blocks.1.ffn.2"].absmax,
-                        MaskConfig(alpha=0.3, statistic="max"))
-    assert torch.equal(layer.mask, want)
+    layer = build_state({HIGH: (model, _observed_forward(model))}, config).experts[HIGH].layers["blocks.1.ffn.2"]
+    want = channel_mask(layer.wmax.float(), layer.absmax.float(), MaskConfig(alpha=0.3, statistic="max"))
+    assert torch.equal(layer.mask, want.to(layer.mask.dtype))
+
+
+def test_build_state_masks_are_reproduced_exactly_by_remask(state):
+    again = remask(state)
+    for name, ex in state.experts.items():
+        assert all(torch.equal(again.experts[name].layers[ln].mask, ls.mask) for ln, ls in ex.layers.items())
 
 
 def test_build_state_records_metadata_variant_and_fingerprints(state, experts):

@@ -219,3 +219,10 @@ def test_merge_equals_observing_both_streams():
 def test_merge_rejects_another_channel_count():
     with pytest.raises(ValueError, match="channel count"):
         ChannelStats(4).merge(ChannelStats(5))
+
+
+def test_update_accepts_inputs_that_require_grad():
+    x = torch.randn(32, 8, requires_grad=True)
+    stats = ChannelStats(8, percentile=99.0)
+    stats.update(x)
+    assert torch.equal(stats.absmax, x.detach().abs().amax(0))
