@@ -79,7 +79,7 @@ class HiF4CalibrateWan22:
         texts = policy.split_prompts(extra_prompts)
         if texts and clip is None:
             raise ValueError("extra_prompts needs the clip input to encode them")
-        conds = [positive] + [glue.encode_prompt(clip, t) for t in texts]
+        conds = [positive] + [policy.like_main_prompt(glue.encode_prompt(clip, t), positive) for t in texts]
 
         settings = {"prompts": len(conds), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
                     "cfg": cfg, "seed": seed, "latent_shape": list(latent_image["samples"].shape),

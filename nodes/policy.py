@@ -63,6 +63,14 @@ def split_prompts(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
+def like_main_prompt(encoded: list, main: list) -> list:
+    """An extra prompt's CONDITIONING with the non-text entries of the main prompt's
+    (WanImageToVideo's start image `concat_latent_image`/`concat_mask`, a CLIP vision
+    output...), so an I2V model is calibrated on extra prompts *with* its image."""
+    extras = {k: v for k, v in main[0][1].items() if k not in encoded[0][1]} if main else {}
+    return [[tensor, {**extras, **entries}] for tensor, entries in encoded]
+
+
 def prompt_seed(seed: int, index: int) -> int:
     """Noise seed of the index-th calibration prompt: distinct noise per prompt,
     reproducible from the node's seed (wraps like ComfyUI's 64-bit seed widget)."""

@@ -161,3 +161,16 @@ def test_rotation_block_is_the_largest_power_of_two_dividing_k():
     assert policy.rotation_block(13824, 512) == 512
     assert policy.rotation_block(256, 512) == 256
     assert policy.rotation_block(100, 512) == 4
+
+
+def test_extra_prompt_takes_the_start_image_entries_of_the_main_prompt():
+    image, mask = object(), object()
+    main = [["main-text", {"concat_latent_image": image, "concat_mask": mask, "pooled_output": "main-pooled"}]]
+    encoded = [["extra-text", {"pooled_output": "extra-pooled"}]]
+    out = policy.like_main_prompt(encoded, main)
+    assert out == [["extra-text", {"concat_latent_image": image, "concat_mask": mask, "pooled_output": "extra-pooled"}]]
+
+
+def test_extra_prompt_of_a_text_only_main_prompt_is_unchanged():
+    encoded = [["extra-text", {"pooled_output": "p"}]]
+    assert policy.like_main_prompt(encoded, [["main", {}]]) == encoded

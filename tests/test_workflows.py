@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 FIXTURE = ROOT / "tests" / "fixtures" / "object_info_0.3.64.json"
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))
-import harness  # noqa: E402  (stdlib-only at import time)
+import harness  # found through the sys.path insert above (stdlib-only at import time)
 
 EXPECTED = {
     "wan22_t2v_a14b_hif4_calibrate",
@@ -90,8 +90,8 @@ def widget_slots(info: dict) -> list[tuple[str, str, list]]:
             continue
         slots.append((name, "value", spec))
         opts = input_options(spec)
-        if input_type(spec) in ("INT", "COMBO") and (opts.get("control_after_generate")
-                                                      or (input_type(spec) == "INT" and name in ("seed", "noise_seed"))):
+        seed_like = input_type(spec) == "INT" and name in ("seed", "noise_seed")  # the frontend's legacy rule
+        if input_type(spec) in ("INT", "COMBO") and (opts.get("control_after_generate") or seed_like):
             slots.append((name, "control", spec))
         if opts.get("image_upload"):
             slots.append((name, "upload", spec))
@@ -108,9 +108,10 @@ def value_problem(node_type: str, name: str, spec, value) -> str | None:
     kinds = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
     if not isinstance(value, kinds[t]) or (t in ("INT", "FLOAT") and isinstance(value, bool)):
         return f"{name}: {value!r} is not a {t}"
-    if t in ("INT", "FLOAT"):
-        if "min" in opts and value < opts["min"] or "max" in opts and value > opts["max"]:
-            return f"{name}: {value!r} outside [{opts.get('min')}, {opts.get('max')}]"
+    too_small = "min" in opts and value < opts["min"]
+    too_big = "max" in opts and value > opts["max"]
+    if t in ("INT", "FLOAT") and (too_small or too_big):
+        return f"{name}: {value!r} outside [{opts.get('min')}, {opts.get('max')}]"
     return None
 
 
