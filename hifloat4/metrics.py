@@ -16,10 +16,12 @@ video under test (e.g. the W4A4 frames); all metrics are computed in float64, on
   that fits. Symmetric in a and b; 1 for identical frames.
 * `flicker(a, b)` per frame transition t -> t+1: mean over pixels of
   |(Y_b[t+1] - Y_b[t]) - (Y_a[t+1] - Y_a[t])| on luma, in the units of the input
-  (0..1); equivalently the mean absolute change of the error image Y_b - Y_a. It is 0 when b changes from frame to frame exactly as a does - so a
-  static error (a constant offset, a fixed pattern) is not flicker - and grows when
-  the error itself changes over time, which is what a viewer sees as flicker. A
-  video of F frames has F - 1 values; `video_flicker` is their mean (0 for F = 1).
+  (0..1); equivalently the mean absolute change of the error image Y_b - Y_a from
+  one frame to the next. It is 0 when b changes from frame to frame exactly as a
+  does - so a static error (a constant offset, a fixed pattern) is not flicker -
+  and grows when the error itself changes over time, which is what a viewer sees
+  as flicker. A video of F frames has F - 1 values; `video_flicker` is their mean
+  (0 for F = 1).
 """
 from __future__ import annotations
 

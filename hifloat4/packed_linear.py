@@ -24,7 +24,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels
@@ -217,8 +216,3 @@ def resident_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
-
-
-def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear in x's dtype with the weight/bias cast to it (ComfyUI's Linear forward)."""
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.device, x.dtype))

@@ -51,6 +51,11 @@ class HiF4ApplyW4A4:
 
     def apply(self, model, ptq_state, expert, alpha=-1.0, statistic=AS_CALIBRATED, rotation=AS_CALIBRATED,
               rotation_block=512):
+        from .packed import is_packed_model  # imported here: nodes.packed imports this module
+
+        if is_packed_model(model):
+            raise ValueError("this MODEL comes from a packed HiF4 checkpoint (Load HiF4 Diffusion Model): it "
+                             "already runs W4A4, so there is nothing to apply; connect it to the sampler directly")
         name = self._select_expert(model, ptq_state, expert)
         hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(glue.wan_root(model)))
         state = ptq_state

@@ -67,9 +67,12 @@ class HiF4CalibrateWan22:
                   extra_prompts=""):
         high, low = model_high_noise, model_low_noise
         policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
+        from .packed import is_packed_model  # imported here: nodes.packed imports the apply node
+
         for m in (high, low):
-            if m is not None and glue.is_quantized(m):
-                raise ValueError("calibrate the original model, not the output of 'Apply HiFloat4 W4A4'")
+            if m is not None and (glue.is_quantized(m) or is_packed_model(m)):
+                raise ValueError("calibrate the original model, not the output of 'Apply HiFloat4 W4A4' "
+                                 "or a packed HiF4 checkpoint")
         variant = hwan.detect_variant(glue.wan_root(high))
         if low is not None:
             low_variant = hwan.detect_variant(glue.wan_root(low))

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 import sys
 import urllib.request
 
@@ -413,6 +414,12 @@ def test_comparison_rows_differ_only_by_the_quantization():
     plain = [s for s in samplers if upstream_models(s)[0] != "HiF4ApplyW4A4"]
     assert sorted(map(key, quant)) == sorted(map(key, plain))
     assert of_type(wf, "ImageStitch") and of_type(wf, "SaveVideo")
+    (cmp_,) = of_type(wf, "HiF4CompareVideos")  # metrics: bf16 row first, HiF4 row second
+    src = {i["name"]: nodes[links[i["link"]][1]] for i in cmp_["inputs"]}
+    assert [upstream_models(nodes[links[d["inputs"][0]["link"]][1]])[0] for d in (src["images_a"], src["images_b"])] \
+        == ["ModelSamplingSD3", "HiF4ApplyW4A4"]
+    shown = {nodes[links[lid][3]]["type"] for o in cmp_["outputs"] for lid in o["links"]}
+    assert shown == {"PreviewImage", "PreviewAny"}
 
 
 # --------------------------------------------------------------------------- real ComfyUI
@@ -620,3 +627,9 @@ def test_workflow_runs_in_comfyui(name, live, calibrated, catalogue):
         plain, hif4 = result.digest("plain"), result.digest("hif4")
         assert plain["finite"] and hif4["finite"] and plain["shape"] == hif4["shape"]
         assert plain["sha256"] != hif4["sha256"], "the HiF4 row should differ from the unquantized row"
+        report = result.outputs[str(of_type(wf, "PreviewAny")[0]["id"])]["text"][0]
+        assert f"({plain['shape'][0]} frames)" in report, report
+        psnr = float(re.search(r"overall: PSNR (\S+) dB", report).group(1))
+        ssim = float(re.search(r"SSIM ([0-9.]+) \(worst", report).group(1))
+        assert 0 < psnr < 200 and 0 <= ssim < 1, report  # finite: the rows differ
+        assert len(result.outputs[str(of_type(wf, "PreviewImage")[0]["id"])]["images"]) == 1

@@ -1,0 +1,261 @@
+"""Part 1: the embedded tiny Wan2.2-shaped T2V expert pair (the demo's model and prompts).
+
+Calibration runs the two-expert sampler over calibration prompts with
+`calibrate.observe` on every main Linear (one observer per percentile); each
+prompt's statistics are kept apart and merged (`ChannelStats.merge`, a max over
+calls, exactly what one longer calibration would have produced) for calibration
+sets of 1, 2, 4, 8 prompts. Every method is then measured on held-out prompts that
+no calibration saw (their own random streams and noise seeds):
+
+* per main layer: output error of the W4A4 layer against the float layer on the
+  same input, at one probe step per expert on the reference trajectory (relative
+  L2 error and SQNR, summed over held-out prompts);
+* denoiser output: relative L2 error of the model output at the probe steps;
+* final latent: relative L2 error and SQNR after full sampling with the same seed.
+
+The reference is the same pair with bf16-rounded weights computing in fp32, so
+every difference is quantization.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from .. import demo, wan
+from ..calibrate import HIGH, LOW, expert_call, flow_sigmas, observe, sample_two_expert, switch_step_from_boundary
+from ..linear import quantize_
+from ..smoothing import weight_absmax
+from ..stats import ChannelStats
+from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
+
+EXPERTS = (HIGH, LOW)
+
+
+@dataclass(frozen=True)
+class WanEvalConfig:
+    """Fixed before looking at any result: the demo's model and sampling settings."""
+
+    model: demo.DemoConfig = field(default_factory=lambda: demo.DemoConfig(calib_prompts=8, eval_prompts=2))
+    percentiles: tuple[float, ...] = (99.0, 99.9, 99.99)
+    alphas: tuple[float, ...] = (0.3, 0.5, 0.7)
+    rotation_alphas: tuple[float, ...] = (0.5,)  # rotation rows at the paper's alpha (time budget)
+    calib_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    sweep_alpha: float = 0.5  # the calibration-size sweep: the paper's alpha ...
+    sweep_percentiles: tuple[float, ...] = (99.9,)  # ... and percentile, against max and none
+
+    @property
+    def calib_prompts(self) -> int:
+        return max(self.calib_sizes)
+
+
+def quick_config() -> WanEvalConfig:
+    return WanEvalConfig(model=demo.DemoConfig(**{**demo.QUICK, "calib_prompts": 2, "eval_prompts": 1}),
+                         percentiles=(99.0, 99.9), alphas=(0.5,), calib_sizes=(1, 2), sweep_percentiles=(99.9,))
+
+
+def _merged(per_prompt: Sequence[dict[str, ChannelStats]], k: int) -> dict[str, ChannelStats]:
+    """The statistics of the first k prompts together."""
+    out = {}
+    for name, st in per_prompt[0].items():
+        m = ChannelStats.from_state_dict(st.state_dict())
+        for other in per_prompt[1:k]:
+            m.merge(other[name])
+        out[name] = m
+    return out
+
+
+def _layer_stats(model: nn.Module, by_pct: dict[float, dict[str, ChannelStats]]) -> dict[str, LayerStats]:
+    first = next(iter(by_pct.values()))
+    return {name: LayerStats(wmax=weight_absmax(model.get_submodule(name).weight.detach()),
+                             absmax=first[name].absmax.clone(),
+                             tails={p: s[name].tail.clone() for p, s in by_pct.items()})
+            for name in first}
+
+
+def _rel(a: Tensor, ref: Tensor) -> float:
+    return float((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def _db_from_rel(rel: float) -> float:
+    return math.inf if rel == 0.0 else -20.0 * math.log10(rel)
+
+
+def collect_activations(cfg: demo.DemoConfig, reference: dict[str, nn.Module], ref: demo.Reference,
+                        prompt: Tensor, neg: Tensor, probes: dict[str, int], max_tokens: int = 1024
+                        ) -> dict[str, Tensor]:
+    """Inputs of every main Linear at the probe step of each expert (first held-out
+    prompt, reference trajectory), at most `max_tokens` rows each: real activations
+    for the format comparison."""
+    acts: dict[str, Tensor] = {}
+    for expert in EXPERTS:
+        model = reference[expert]
+        handles = []
+        for name in wan.main_linear_names(model):
+            def hook(module, args, name=f"{expert}/{name}"):
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                acts[name] = x[:max_tokens].float().clone()
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        try:
+            r = ref.probes[0][probes[expert]]
+            with torch.no_grad():
+                expert_call(model, r.x, r.sigma, prompt, neg, cfg.cfg)
+        finally:
+            for h in handles:
+                h.remove()
+    return acts
+
+
+def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activations: bool = True) -> dict:
+    cfg = replace(ecfg.model, calib_prompts=ecfg.calib_prompts)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    reference = demo.build_models(cfg)
+    calib = demo.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
+    held_out = demo.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
+    neg = demo.synthetic_contexts(cfg, "negative", 1)[0]
+    switch = switch_step_from_boundary(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
+    if not 0 < switch < cfg.steps:
+        raise ValueError(f"{cfg.steps} steps give switch step {switch}: one expert would never run")
+    probes = demo.probe_steps(cfg.steps, switch)
+    names = {e: wan.main_linear_names(reference[e]) for e in EXPERTS}
+    block = rotation_block_for(reference[HIGH].get_submodule(n).in_features for n in names[HIGH])
+    timings["build"] = time.perf_counter() - t0
+
+    # ---- calibration: one observer per expert and percentile, statistics kept per prompt
+    t = time.perf_counter()
+    log(f"tiny Wan: calibrating on {cfg.calib_prompts} prompts x {cfg.steps} steps "
+        f"(percentiles {', '.join(f'{p:g}' for p in ecfg.percentiles)})")
+    per_prompt: dict[tuple[str, float], list[dict[str, ChannelStats]]] = {
+        (e, p): [] for e in EXPERTS for p in ecfg.percentiles}
+    for i, ctx in enumerate(calib):
+        with torch.no_grad(), _observers(reference, names, ecfg.percentiles) as stats:
+            sample_two_expert(reference[HIGH], reference[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
+                              cfg.cfg, demo.noise_seed(cfg, "calib", i), cfg.shift)
+        for key, s in stats.items():
+            per_prompt[key].append(s)
+    first = per_prompt[(HIGH, ecfg.percentiles[0])][0][names[HIGH][0]]  # block 0 self_attn.q, prompt 0
+    tokens_per_call = first.tokens // max(1, first.calls)
+    layer_stats = {k: {e: _layer_stats(reference[e], {p: _merged(per_prompt[(e, p)], k) for p in ecfg.percentiles})
+                       for e in EXPERTS} for k in ecfg.calib_sizes}
+    timings["calibrate"] = time.perf_counter() - t
+
+    # ---- reference trajectories on the held-out prompts
+    t = time.perf_counter()
+    ref = demo.reference_runs(cfg, reference, held_out, neg, switch, probes)
+    timings["reference"] = time.perf_counter() - t
+
+    def measure(method: Method, k: int) -> dict:
+        quantized = {e: quantize_(copy.deepcopy(reference[e]), layer_map(layer_stats[k][e], method, block))
+                     for e in EXPERTS}
+        return evaluate(cfg, quantized, reference, ref, held_out, neg, switch, probes)
+
+    # ---- the method grid at the largest calibration set
+    t = time.perf_counter()
+    full = ecfg.calib_prompts
+    grid = method_grid(ecfg.percentiles, ecfg.alphas, ecfg.rotation_alphas)
+    results: dict[str, dict] = {}
+    for j, m in enumerate(grid):
+        log(f"tiny Wan: [{j + 1}/{len(grid)}] {m.key}")
+        results[m.key] = {"method": _method_dict(m), "calib_prompts": full, **measure(m, full)}
+    timings["grid"] = time.perf_counter() - t
+
+    # ---- calibration-set size sweep (alpha and percentile fixed a priori; no rotation)
+    t = time.perf_counter()
+    sweep_methods = [Method("max", ecfg.sweep_alpha)] + [Method("tail", ecfg.sweep_alpha, p)
+                                                          for p in ecfg.sweep_percentiles]
+    sweep: dict[str, dict[str, dict]] = {}
+    for m in sweep_methods:
+        sweep[m.key] = {}
+        for k in ecfg.calib_sizes:
+            if k == full and m.key in results:
+                r = results[m.key]
+            else:
+                log(f"tiny Wan: calibration size {k}: {m.key}")
+                r = measure(m, k)
+            sweep[m.key][str(k)] = _summary(r)
+    none = _summary(results[Method("none").key])
+    sweep[Method("none").key] = {str(k): none for k in ecfg.calib_sizes}  # no statistics: independent of k
+    timings["calib_size_sweep"] = time.perf_counter() - t
+
+    acts = {}
+    if with_activations:
+        acts = collect_activations(cfg, reference, ref, held_out[0], neg, probes)
+    timings["total"] = time.perf_counter() - t0
+
+    full_stats = layer_stats[full]
+    return {
+        "config": {"model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+                   "percentiles": list(ecfg.percentiles), "alphas": list(ecfg.alphas),
+                   "rotation_alphas": list(ecfg.rotation_alphas), "calib_sizes": list(ecfg.calib_sizes),
+                   "sweep_alpha": ecfg.sweep_alpha, "sweep_percentiles": list(ecfg.sweep_percentiles),
+                   "held_out_prompts": cfg.eval_prompts, "switch_step": switch, "probe_steps": probes,
+                   "rotation_block": block, "tokens_per_call": tokens_per_call,
+                   "layers_per_expert": len(names[HIGH]),
+                   "reference": "bf16-rounded weights, fp32 compute"},
+        "tail_over_max": {f"{p:g}": sum(tail_over_max(full_stats[e], p) for e in EXPERTS) / len(EXPERTS)
+                          for p in ecfg.percentiles},
+        "methods": results,
+        "calib_size": sweep,
+        "timings_s": timings,
+        "_activations": acts,  # popped by the caller (not JSON)
+    }
+
+
+def _method_dict(m: Method) -> dict:
+    return {"statistic": m.statistic, "alpha": m.alpha, "percentile": m.percentile, "rotation": m.rotation}
+
+
+def _summary(r: dict) -> dict:
+    return {k: r[k] for k in ("mean_layer_sqnr_db", "min_layer_sqnr_db", "denoiser_rel_err",
+                              "final_latent_rel_err", "final_latent_sqnr_db")}
+
+
+@contextlib.contextmanager
+def _observers(models: dict[str, nn.Module], names: dict[str, list[str]], percentiles: Sequence[float]):
+    """observe() on every expert for every percentile at once: {(expert, p): stats}."""
+    with contextlib.ExitStack() as stack:
+        yield {(e, p): stack.enter_context(observe(model, names[e], percentile=p))
+               for e, model in models.items() for p in percentiles}
+
+
+def evaluate(cfg: demo.DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module],
+             ref: demo.Reference, prompts: Sequence[Tensor], neg: Tensor, switch: int,
+             probes: dict[str, int]) -> dict:
+    """Per-layer output error, denoiser error at the probe steps, final-latent error."""
+    meters = {e: demo.SQNRMeter(quantized[e], reference[e]) for e in EXPERTS}
+    den = {e: [] for e in EXPERTS}
+    try:
+        with torch.no_grad():
+            for i, ctx in enumerate(prompts):
+                for expert, step in probes.items():
+                    r = ref.probes[i][step]
+                    out = expert_call(quantized[expert], r.x, r.sigma, ctx, neg, cfg.cfg)
+                    den[expert].append(_rel(out, r.model_output))
+    finally:
+        for m in meters.values():
+            m.close()
+    finals = []
+    with torch.no_grad():
+        for i, ctx in enumerate(prompts):
+            x = sample_two_expert(quantized[HIGH], quantized[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
+                                  cfg.cfg, demo.noise_seed(cfg, "eval", i), cfg.shift)
+            finals.append(_rel(x, ref.finals[i]))
+    layers = {}
+    for e, m in meters.items():
+        for name, (sig, err) in m.sums.items():
+            layers[f"{e}/{name}"] = {"rel_err": math.sqrt(err / max(sig, 1e-300)), "sqnr_db": sqnr_db(sig, err)}
+    dbs = [v["sqnr_db"] for v in layers.values()]
+    final = sum(finals) / len(finals)
+    high, low = sum(den[HIGH]) / len(den[HIGH]), sum(den[LOW]) / len(den[LOW])
+    return {"mean_layer_sqnr_db": sum(dbs) / len(dbs), "min_layer_sqnr_db": min(dbs),
+            "mean_layer_rel_err": sum(v["rel_err"] for v in layers.values()) / len(layers),
+            "denoiser_rel_err": (high + low) / 2, "denoiser_rel_err_high": high, "denoiser_rel_err_low": low,
+            "final_latent_rel_err": final, "final_latent_sqnr_db": _db_from_rel(final),
+            "final_latent_rel_err_per_prompt": finals, "layers": layers}

@@ -1,0 +1,210 @@
+"""Packed HiF4 checkpoints in ComfyUI, in this process (needs ComfyUI's dependencies, e.g.
+the ComfyUI venv): the loader gives the Apply node's bits without bf16 main weights,
+LoRA and re-quantization are refused, 'Save HiF4 Model' writes the same model (with a
+LoRA merged before quantization)."""
+import importlib
+import os
+import pathlib
+
+import harness
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+T2V_HIGH = "tiny_wan2.2_t2v_high_noise.safetensors"
+HIGH = "high_noise"
+
+
+def harness_path(name):
+    return pathlib.Path(os.environ["COMFY_HARNESS_MODELS"]) / "diffusion_models" / name
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A PTQ state calibrated with the core on the harness's high-noise expert, and that
+    expert exported with `python -m hifloat4 export`."""
+    from safetensors.torch import load_file
+
+    from hifloat4 import export as hexp
+    from hifloat4 import state as hstate
+    from hifloat4.calibrate import CalibConfig, calibrate
+    from hifloat4.tiny_wan import TinyWan, WanConfig, example_inputs
+
+    d = tmp_path_factory.mktemp("packed")
+    model = TinyWan(WanConfig()).eval().requires_grad_(False)
+    model.load_state_dict(load_file(str(harness_path(T2V_HIGH))))
+    x, t, ctx = example_inputs(model, text_len=24)
+    state = calibrate({HIGH: model}, lambda: model(x, t, ctx), CalibConfig())
+    paths = {"state": d / "state.safetensors", "packed": d / "t2v_high_hif4.safetensors"}
+    hstate.save_state(paths["state"], state)
+    assert hexp.main(["--model", str(harness_path(T2V_HIGH)), "--state", str(paths["state"]), "--out",
+                      str(paths["packed"])]) == 0
+    return paths
+
+
+@pytest.fixture
+def mods(comfy):
+    return {"packed": importlib.import_module("comfyui_hifloat4.nodes.packed"),
+            "apply": importlib.import_module("comfyui_hifloat4.nodes.apply"),
+            "state": importlib.import_module("hifloat4.state"),
+            "export": importlib.import_module("hifloat4.export")}
+
+
+@pytest.fixture
+def diffusion_dir(comfy, tmp_path, monkeypatch):
+    monkeypatch.setitem(comfy["folder_paths"].folder_names_and_paths, "diffusion_models",
+                        ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 16, 2, 8, 8, generator=g), torch.tensor([0.9, 0.6]),
+            torch.randn(2, 24, 4096, generator=g) * 0.2)
+
+
+def run(comfy, patcher, seed=0):
+    comfy["comfy.model_management"].load_models_gpu([patcher])
+    x, t, ctx = inputs(seed)
+    with torch.inference_mode():
+        return patcher.model.apply_model(x, t, c_crossattn=ctx)
+
+
+def applied(mods, model, state_path):
+    with torch.inference_mode():
+        return mods["apply"].HiF4ApplyW4A4().apply(model, mods["state"].load_state(state_path), HIGH)[0]
+
+
+def lora_model(comfy, model, tmp_path):
+    path = tmp_path / "lora.safetensors"
+    harness.write_lora(path, [f"blocks.{i}.{n}" for i in range(4) for n in ("self_attn.q", "ffn.0", "ffn.2")])
+    lora = comfy["comfy.sd"].comfy.utils.load_torch_file(str(path))
+    return comfy["comfy.sd"].load_lora_for_models(model, None, lora, 1.0, 0)[0]
+
+
+# --------------------------------------------------------------------------- loading
+
+def test_packed_model_computes_the_apply_nodes_bits(comfy, mods, files, load_unet):
+    packed = mods["packed"].load_packed_model(str(files["packed"]))
+    fake = applied(mods, load_unet(T2V_HIGH), files["state"])
+    for seed in (0, 1):
+        assert torch.equal(run(comfy, packed, seed), run(comfy, fake, seed))
+
+
+def test_packed_model_holds_codes_not_the_unpacked_main_weights(comfy, mods, files, load_unet):
+    packed = mods["packed"].load_packed_model(str(files["packed"]))
+    plain = load_unet(T2V_HIGH)
+    root = packed.model.diffusion_model
+    q = root.blocks[0].ffn[0]
+    assert q.weight.dtype == torch.uint8 and tuple(q.weight.shape) == (512, 4, 36)
+    assert root.head.head.weight.dtype == plain.model.diffusion_model.head.head.weight.dtype
+    shapes = {tuple(t.shape) for t in list(root.parameters()) + list(root.buffers()) if t.is_floating_point()}
+    assert (512, 256) not in shapes and (256, 512) not in shapes  # no float tensor of an ffn weight's shape
+    assert len(mods["packed"].packed_layer_names(packed)) == 40
+    assert packed.model_size() < 0.5 * plain.model_size()
+
+
+def test_loader_refuses_a_checkpoint_missing_a_model_tensor(comfy, mods, files, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(files["packed"]), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys() if k != "blocks.1.norm3.weight"}  # noqa: SIM118
+        meta = f.metadata()
+    save_file(t, str(tmp_path / "holey.safetensors"), metadata=meta)
+    with pytest.raises(RuntimeError, match="lacks 1 tensors.*blocks.1.norm3.weight"):
+        mods["packed"].load_packed_model(str(tmp_path / "holey.safetensors"))
+
+
+def test_loader_lists_only_marked_files_and_validates_names(comfy, mods, files, diffusion_dir):
+    node = mods["packed"].HiF4LoadDiffusionModel
+    (diffusion_dir / "hif4").mkdir()
+    os.symlink(files["packed"], diffusion_dir / "hif4" / "mine.safetensors")
+    os.symlink(harness_path(T2V_HIGH), diffusion_dir / T2V_HIGH)
+    assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["hif4/mine.safetensors"]
+    assert node.VALIDATE_INPUTS("hif4/mine.safetensors") is True
+    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS(T2V_HIGH)
+    assert "not found" in node.VALIDATE_INPUTS("nope.safetensors")
+    assert "not found" in node.VALIDATE_INPUTS("../../" + files["packed"].name)
+    assert "are .safetensors files" in node.VALIDATE_INPUTS("x.ckpt")
+    model = node().load("hif4/mine.safetensors")[0]
+    assert mods["packed"].is_packed_model(model)
+
+
+# --------------------------------------------------------------------------- refusals
+
+def test_lora_on_a_packed_model_is_refused_with_a_clear_message(comfy, mods, files, tmp_path):
+    packed = mods["packed"].load_packed_model(str(files["packed"]))
+    with_lora = lora_model(comfy, packed, tmp_path)
+    assert any(with_lora.patches.values())  # ComfyUI accepted the LoRA keys ...
+    with pytest.raises(ValueError, match="LoRA .* not supported.*Save HiF4 Model"):
+        mods["packed"].check_packed_model(with_lora)  # ... our PREPARE_SAMPLING wrapper refuses them
+    wrappers = with_lora.wrappers["prepare_sampling"]
+    assert mods["packed"].guard_wrapper in wrappers[mods["packed"].WRAPPER_KEY]
+    mods["packed"].check_packed_model(packed)  # the original stays usable
+
+
+def test_lowvram_weight_functions_are_refused_in_the_forward(comfy, mods, files):
+    packed = mods["packed"].load_packed_model(str(files["packed"]))
+    layer = packed.model.diffusion_model.blocks[0].ffn[0]
+    layer.weight_function = [lambda w: w]
+    try:
+        with pytest.raises(RuntimeError, match="LoRA"):
+            layer(torch.randn(1, 3, 256))
+    finally:
+        layer.weight_function = []
+
+
+def test_apply_on_a_packed_model_is_refused_before_sampling(comfy, mods, files):
+    packed = mods["packed"].load_packed_model(str(files["packed"]))
+    state = mods["state"].load_state(files["state"])
+    with pytest.raises(ValueError, match="packed HiF4 checkpoint"), torch.inference_mode():
+        mods["apply"].HiF4ApplyW4A4().apply(packed, state, HIGH)
+
+
+def test_object_patches_on_packed_layers_are_refused(comfy, mods, files):
+    packed = mods["packed"].load_packed_model(str(files["packed"]))
+    clone = packed.clone()
+    clone.add_object_patch("diffusion_model.blocks.0.ffn.0.forward", lambda x: x)
+    with pytest.raises(ValueError, match="blocks.0.ffn.0"):
+        mods["packed"].check_packed_model(clone)
+
+
+# --------------------------------------------------------------------------- saving
+
+def test_save_node_writes_the_same_model_as_the_cli(comfy, mods, files, load_unet, diffusion_dir):
+    state = mods["state"].load_state(files["state"])
+    out = mods["packed"].HiF4SaveModel().save(load_unet(T2V_HIGH), state, "auto", "hif4/t2v_high")
+    assert out["ui"]["hifloat4_models"] == [{"filename": "t2v_high_00001.safetensors", "subfolder": "hif4",
+                                             "type": "diffusion_models"}]
+    saved = diffusion_dir / "hif4" / "t2v_high_00001.safetensors"
+    a, b = mods["export"].load_hif4_checkpoint(saved), mods["export"].load_hif4_checkpoint(files["packed"])
+    assert all(torch.equal(a.layers[n].packed.data, b.layers[n].packed.data) for n in b.layers)
+    assert torch.equal(run(comfy, mods["packed"].load_packed_model(str(saved))),
+                       run(comfy, mods["packed"].load_packed_model(str(files["packed"]))))
+    again = mods["packed"].HiF4SaveModel().save(load_unet(T2V_HIGH), state, HIGH, "hif4/t2v_high")
+    assert again["ui"]["hifloat4_models"][0]["filename"] == "t2v_high_00002.safetensors"
+
+
+def test_save_node_merges_a_lora_before_quantization(comfy, mods, files, load_unet, diffusion_dir, tmp_path):
+    state = mods["state"].load_state(files["state"])
+    base = load_unet(T2V_HIGH)
+    with_lora = lora_model(comfy, base, tmp_path)
+    mods["packed"].HiF4SaveModel().save(with_lora, state, HIGH, "lora_merged")
+    packed = mods["packed"].load_packed_model(str(diffusion_dir / "lora_merged_00001.safetensors"))
+    fake = applied(mods, with_lora, files["state"])
+    plain = applied(mods, base, files["state"])
+    assert torch.equal(run(comfy, packed), run(comfy, fake))
+    assert not torch.equal(run(comfy, packed), run(comfy, plain))
+
+
+def test_save_node_refuses_packed_applied_and_escaping_names(comfy, mods, files, load_unet, diffusion_dir):
+    state = mods["state"].load_state(files["state"])
+    node = mods["packed"].HiF4SaveModel()
+    with pytest.raises(ValueError, match="already a packed HiF4 model"):
+        node.save(mods["packed"].load_packed_model(str(files["packed"])), state, HIGH, "x")
+    with pytest.raises(ValueError, match="before 'Apply HiFloat4 W4A4'"):
+        node.save(applied(mods, load_unet(T2V_HIGH), files["state"]), state, HIGH, "x")
+    for prefix in ("../escape", "/abs/x", "sub/../../x"):
+        with pytest.raises(ValueError, match="inside"):
+            node.save(load_unet(T2V_HIGH), state, HIGH, prefix)
+    assert sorted(p.name for p in diffusion_dir.rglob("*")) == []
