@@ -23,7 +23,7 @@ def load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as jit_load
 
-        return jit_load(name="hifloat4_cpu_v1", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        return jit_load(name="hifloat4_cpu_v1", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, read-only cache dir...
         warnings.warn(f"hifloat4: C++ CPU kernels unavailable ({type(e).__name__}: {e}); "
                       "using the torch implementation (same results, slower)", RuntimeWarning, stacklevel=2)

@@ -41,6 +41,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .safefile import few, read_header, reject_constant
 from . import state as hstate
 from . import wan as hwan
 from .format import GROUP_SIZE
@@ -54,7 +55,6 @@ METADATA_KEY = "hifloat4_packed"
 PACKED_SUFFIX = ".weight.hif4"
 MASK_SUFFIX = ".hif4_mask"
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 64 * 2**20
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -76,11 +76,6 @@ _META_TYPES = {
 
 class HiF4CheckpointError(ValueError):
     """Anything wrong with a packed HiF4 checkpoint or an export; the message names it."""
-
-
-def _few(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -323,7 +318,7 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
     main, _, _ = hwan.classify_layer_names(linears)
     clash = [k for k in shapes if k.endswith((PACKED_SUFFIX, MASK_SUFFIX))]
     if clash:
-        raise HiF4CheckpointError(f"the model already has HiF4 tensors ({_few(clash)})")
+        raise HiF4CheckpointError(f"the model already has HiF4 tensors ({few(clash)})")
     fp = hwan.fingerprint(shapes, get_weight=lambda n: source.real_weight(n) if n in linears else None)
     name, warning = choose_expert(state, fp, expert)
     try:
@@ -333,7 +328,7 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
     layers = state.experts[name].layers
     if set(layers) != set(main):
         raise HiF4CheckpointError(f"the state's {name!r} expert covers {len(layers)} layers, the model has "
-                                  f"{len(main)} main layers; missing: {_few(set(main) - set(layers))}")
+                                  f"{len(main)} main layers; missing: {few(set(main) - set(layers))}")
     rot = state.rotation
     rotations = {n: None if rot is None else Rotation(block=rotation_block(linears[n][1], int(rot["block"])),
                                                       seed=int(rot["seed"])) for n in main}
@@ -421,34 +416,6 @@ class HiF4Checkpoint:
             layer.packed.nbytes + layer.mask.numel() * 4 for layer in self.layers.values())
 
 
-def _read_raw_header(path: str) -> dict:
-    """The safetensors JSON header, read defensively (length bounds, JSON object)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise HiF4CheckpointError(f"not a safetensors file: {path} is only {size} bytes")
-            n = int.from_bytes(prefix, "little")
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise HiF4CheckpointError(f"not a safetensors file: header length {n} exceeds the file size "
-                                          f"{size} or the {MAX_HEADER_BYTES}-byte limit")
-            raw = f.read(n)
-    except OSError as e:
-        raise HiF4CheckpointError(f"cannot read {path}: {e}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise HiF4CheckpointError(f"not a safetensors file: unreadable header ({e})") from None
-    if not isinstance(header, dict):
-        raise HiF4CheckpointError("not a safetensors file: header is not a JSON object")
-    return header
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -463,9 +430,9 @@ def _check_metadata(meta) -> None:
                                   f"this tool reads version {FORMAT_VERSION}")
     missing, unknown = set(_META_TYPES) - set(meta), set(meta) - set(_META_TYPES)
     if missing:
-        raise HiF4CheckpointError(f"metadata fields missing: {_few(missing)}")
+        raise HiF4CheckpointError(f"metadata fields missing: {few(missing)}")
     if unknown:
-        raise HiF4CheckpointError(f"unknown metadata fields: {_few(unknown)}")
+        raise HiF4CheckpointError(f"unknown metadata fields: {few(unknown)}")
     for key, typ in _META_TYPES.items():
         if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
             raise HiF4CheckpointError(f"metadata field {key!r} has type {type(meta[key]).__name__}, "
@@ -515,13 +482,13 @@ def _check_tensor_header(header: dict, meta: dict) -> dict[str, tuple[str, tuple
     expected = {n + PACKED_SUFFIX for n in layers} | {n + MASK_SUFFIX for n in layers}
     missing = expected - set(entries)
     if missing:
-        raise HiF4CheckpointError(f"missing tensors: {_few(missing)}")
+        raise HiF4CheckpointError(f"missing tensors: {few(missing)}")
     stray = {k for k in entries if k.endswith((PACKED_SUFFIX, MASK_SUFFIX))} - expected
     if stray:
-        raise HiF4CheckpointError(f"HiF4 tensors for layers not in the metadata: {_few(stray)}")
+        raise HiF4CheckpointError(f"HiF4 tensors for layers not in the metadata: {few(stray)}")
     unpacked = {n + ".weight" for n in layers} & set(entries)
     if unpacked:
-        raise HiF4CheckpointError(f"packed layers also carry an unpacked weight: {_few(unpacked)}")
+        raise HiF4CheckpointError(f"packed layers also carry an unpacked weight: {few(unpacked)}")
     for n, info in layers.items():
         out_f, in_f = info["shape"]
         want = {n + PACKED_SUFFIX: ("U8", (out_f, math.ceil(in_f / GROUP_SIZE), BYTES_PER_GROUP)),
@@ -543,7 +510,7 @@ def _check_tensor_header(header: dict, meta: dict) -> dict[str, tuple[str, tuple
         raise HiF4CheckpointError(f"not a complete Wan model: {e}") from None
     main = set(hwan.main_linear_names(shapes))
     if main != set(layers):
-        raise HiF4CheckpointError(f"main layers not packed: {_few(main - set(layers))}")
+        raise HiF4CheckpointError(f"main layers not packed: {few(main - set(layers))}")
     model = meta["model"]
     for k in ("dim", "ffn_dim", "layers", "in_dim", "out_dim"):
         if model.get(k) != getattr(variant, k):
@@ -558,7 +525,7 @@ def _parse_metadata(header: dict) -> dict:
                                   "marker) is missing; export one with 'python -m hifloat4 export' or the "
                                   "'Save HiF4 Model' node")
     try:
-        meta = json.loads(metadata[METADATA_KEY], parse_constant=_reject_constant)
+        meta = json.loads(metadata[METADATA_KEY], parse_constant=reject_constant)
     except (TypeError, ValueError) as e:
         raise HiF4CheckpointError(f"bad HiF4 metadata JSON: {e}") from None
     _check_metadata(meta)
@@ -567,7 +534,7 @@ def _parse_metadata(header: dict) -> dict:
 
 def read_hif4_header(path: str | os.PathLike) -> dict:
     """The validated metadata of a packed checkpoint, reading only its header."""
-    header = _read_raw_header(os.fspath(path))
+    header = read_header(path, HiF4CheckpointError)
     meta = _parse_metadata(header)
     _check_tensor_header(header, meta)
     return meta
@@ -576,7 +543,7 @@ def read_hif4_header(path: str | os.PathLike) -> dict:
 def is_hif4_checkpoint(path: str | os.PathLike) -> bool:
     """Whether the file's safetensors header carries the HiF4 marker (header only; cheap)."""
     try:
-        metadata = _read_raw_header(os.fspath(path)).get("__metadata__")
+        metadata = read_header(path, HiF4CheckpointError).get("__metadata__")
         return isinstance(metadata, dict) and FORMAT_NAME in str(metadata.get(METADATA_KEY, ""))
     except HiF4CheckpointError:
         return False
@@ -586,7 +553,7 @@ def load_hif4_checkpoint(path: str | os.PathLike) -> HiF4Checkpoint:
     """Read and fully validate a packed checkpoint (safetensors only, never pickle);
     every problem raises HiF4CheckpointError naming it."""
     path = os.fspath(path)
-    header = _read_raw_header(path)
+    header = read_header(path, HiF4CheckpointError)
     meta = _parse_metadata(header)
     entries = _check_tensor_header(header, meta)
     try:
@@ -629,13 +596,13 @@ def install_checkpoint_(model: nn.Module, ckpt: HiF4Checkpoint) -> nn.Module:
         if not isinstance(m, nn.Linear) or (m.out_features, m.in_features) != layer.shape:
             problems.append(n)
     if problems:
-        raise HiF4CheckpointError(f"the model has no Linear of the packed shape for {_few(problems)}")
+        raise HiF4CheckpointError(f"the model has no Linear of the packed shape for {few(problems)}")
     own = {k[len(prefix):]: v for k, v in model.state_dict(keep_vars=True).items() if k.startswith(prefix)}
     packed_keys = {n + ".weight" for n in ckpt.layers}
     expected = set(own) - packed_keys
     if expected != set(ckpt.tensors):
-        raise HiF4CheckpointError(f"key mismatch: missing {_few(expected - set(ckpt.tensors)) or 'none'}; "
-                                  f"unexpected {_few(set(ckpt.tensors) - expected) or 'none'}")
+        raise HiF4CheckpointError(f"key mismatch: missing {few(expected - set(ckpt.tensors)) or 'none'}; "
+                                  f"unexpected {few(set(ckpt.tensors) - expected) or 'none'}")
     for n, layer in ckpt.layers.items():
         m = modules[prefix + n]
         bias = ckpt.tensors.get(n + ".bias")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from hifloat4 import wan
+from hifloat4.safefile import few, read_header, reject_constant
 
 FORMAT_NAME = "hifloat4-ptq"
 FORMAT_VERSION = 1
@@ -48,7 +49,6 @@ FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.b
 STATISTICS = ("tail", "max", "none")
 SUFFIX = ".safetensors"
 TOOL_VERSION_FALLBACK = "0.1.0"
-MAX_HEADER_BYTES = 64 * 2**20
 _TAIL_SLACK = 1e-6  # tail <= absmax up to float rounding of the percentile interpolation
 
 _EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -158,11 +158,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _few(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-
-
 _TYPES = {
     "format": (str,), "format_version": (int,), "hif4_spec": (str,), "method": (str,),
     "alpha": (int, float), "percentile": (int, float), "statistic": (str,), "rotation": (dict, type(None)),
@@ -181,9 +176,9 @@ def _check_metadata(meta) -> None:
                             f"this tool reads version {FORMAT_VERSION}")
     missing, unknown = set(_TYPES) - set(meta), set(meta) - set(_TYPES)
     if missing:
-        raise PTQStateError(f"metadata fields missing: {_few(missing)}")
+        raise PTQStateError(f"metadata fields missing: {few(missing)}")
     if unknown:
-        raise PTQStateError(f"unknown metadata fields: {_few(unknown)}")
+        raise PTQStateError(f"unknown metadata fields: {few(unknown)}")
     for key, types in _TYPES.items():
         if not isinstance(meta[key], types) or isinstance(meta[key], bool):
             raise PTQStateError(f"metadata field {key!r} has type {type(meta[key]).__name__}, "
@@ -222,10 +217,10 @@ def _check_experts(experts: list) -> None:
             raise PTQStateError(f"expert {name!r}: duplicate layer names")
         bad = [n for n in layers if not _LAYER_RE.fullmatch(n)]
         if bad:
-            raise PTQStateError(f"expert {name!r}: bad layer names {_few(bad)}")
+            raise PTQStateError(f"expert {name!r}: bad layer names {few(bad)}")
         unknown = [n for n in layers if n not in fp["layers"]]
         if unknown:
-            raise PTQStateError(f"expert {name!r}: layers not in its fingerprint: {_few(unknown)}")
+            raise PTQStateError(f"expert {name!r}: layers not in its fingerprint: {few(unknown)}")
     if len(set(names)) != len(names):
         raise PTQStateError(f"duplicate expert names in {names}")
 
@@ -234,13 +229,13 @@ def _check_tensors(tensors: Mapping[str, Tensor], meta: dict) -> None:
     experts = {ex["name"]: ex for ex in meta["experts"]}
     strangers = {k.split("/", 1)[0] for k in tensors} - set(experts)
     if strangers:
-        raise PTQStateError(f"tensors for experts not named in metadata: {_few(strangers)} "
+        raise PTQStateError(f"tensors for experts not named in metadata: {few(strangers)} "
                             f"(metadata names {sorted(experts)})")
     expected = {f"{e}/{ln}/{f}" for e, ex in experts.items() for ln in ex["layers"] for f in TENSOR_FIELDS}
     if expected - set(tensors):
-        raise PTQStateError(f"missing tensors: {_few(expected - set(tensors))}")
+        raise PTQStateError(f"missing tensors: {few(expected - set(tensors))}")
     if set(tensors) - expected:
-        raise PTQStateError(f"unexpected tensors: {_few(set(tensors) - expected)}")
+        raise PTQStateError(f"unexpected tensors: {few(set(tensors) - expected)}")
     for e, ex in experts.items():
         for ln in ex["layers"]:
             channels = ex["fingerprint"]["layers"][ln][1]
@@ -313,17 +308,13 @@ def encode_state(state: PTQState) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
 def decode_state(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None) -> PTQState:
     """Validate tensors + safetensors metadata and build the PTQState."""
     if not metadata or METADATA_KEY not in metadata:
         raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
                             f"(wrong format name)")
     try:
-        meta = json.loads(metadata[METADATA_KEY], parse_constant=_reject_constant)
+        meta = json.loads(metadata[METADATA_KEY], parse_constant=reject_constant)
     except (TypeError, ValueError) as e:
         raise PTQStateError(f"bad metadata JSON: {e}") from None
     _validate(tensors, meta)
@@ -387,34 +378,10 @@ def save_state(path: str | os.PathLike, state: PTQState) -> str:
     return path
 
 
-def _read_header(path: str) -> dict:
-    """Parse the safetensors header defensively (length bounds, JSON object)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise PTQStateError(f"not a safetensors file: {path} is only {size} bytes")
-            n = int.from_bytes(prefix, "little")
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise PTQStateError(f"not a safetensors file: header length {n} exceeds the file size "
-                                    f"{size} or the {MAX_HEADER_BYTES}-byte limit")
-            raw = f.read(n)
-    except OSError as e:
-        raise PTQStateError(f"cannot read {path}: {e}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PTQStateError(f"not a safetensors file: unreadable header ({e})") from None
-    if not isinstance(header, dict):
-        raise PTQStateError("not a safetensors file: header is not a JSON object")
-    return header
-
-
 def load_state(path: str | os.PathLike) -> PTQState:
     """Read and fully validate a PTQ state file; every problem raises PTQStateError."""
     path = os.fspath(path)
-    header = _read_header(path)
+    header = read_header(path, PTQStateError)
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
@@ -422,7 +389,7 @@ def load_state(path: str | os.PathLike) -> PTQState:
     stored = {"F16", "BF16"}  # FIELD_DTYPES as safetensors names; the per-field check comes after loading
     bad = [k for k, v in header.items() if k != "__metadata__" and not (isinstance(v, dict) and v.get("dtype") in stored)]
     if bad:
-        raise PTQStateError(f"tensors with wrong dtype (must be F16 or BF16): {_few(bad)}")
+        raise PTQStateError(f"tensors with wrong dtype (must be F16 or BF16): {few(bad)}")
     try:
         tensors = safetensors.torch.load_file(path)
     except Exception as e:  # safetensors raises its own error types for malformed files
