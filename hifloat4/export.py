@@ -32,7 +32,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .safefile import few, read_header, reject_constant
+from .safefile import atomic_file, few, read_header, reject_constant
 from . import state as hstate
 from . import wan as hwan
 from .format import GROUP_SIZE
@@ -237,31 +236,18 @@ def write_safetensors_streaming(path: str, specs: list[_Spec], metadata: Mapping
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for i, s in enumerate(specs):
-                t = s.produce()
-                if t.dtype != s.dtype or tuple(t.shape) != s.shape:
-                    raise HiF4CheckpointError(f"{s.key}: produced {t.dtype} {tuple(t.shape)}, planned "
-                                              f"{s.dtype} {s.shape}")
-                t = t.detach().to("cpu").contiguous().reshape(-1)
-                f.write(t.view(torch.uint8).numpy().data)
-                if progress is not None:
-                    progress(i + 1, len(specs))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for i, s in enumerate(specs):
+            t = s.produce()
+            if t.dtype != s.dtype or tuple(t.shape) != s.shape:
+                raise HiF4CheckpointError(f"{s.key}: produced {t.dtype} {tuple(t.shape)}, planned "
+                                          f"{s.dtype} {s.shape}")
+            t = t.detach().to("cpu").contiguous().reshape(-1)
+            f.write(t.view(torch.uint8).numpy().data)
+            if progress is not None:
+                progress(i + 1, len(specs))
     return 8 + len(raw) + offset
 
 

@@ -6,6 +6,7 @@ Everything is computed in float32 and handed back in the caller's dtype.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,11 @@ class HiF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rotation={rot}"
 
 
-def quantize_(model: nn.Module, layers: dict[str, LayerQuant]) -> nn.Module:
-    """Replace the named nn.Linear submodules of `model` by HiF4Linear, in place.
+def quantize_(model: nn.Module, layers: dict[str, LayerQuant],
+              build: Callable[[nn.Linear, LayerQuant], nn.Module] = HiF4Linear) -> nn.Module:
+    """Replace the named nn.Linear submodules of `model` by `build(linear, quant)`, in
+    place: HiF4Linear (fake-quant weights) by default, or
+    `hifloat4.packed_linear.PackedHiF4Linear.from_linear` (packed weights, same outputs).
 
     Every name must exist and be an nn.Linear; nothing is changed otherwise.
     """
@@ -107,5 +111,5 @@ def quantize_(model: nn.Module, layers: dict[str, LayerQuant]) -> nn.Module:
     for name, quant in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HiF4Linear(modules[name], quant))
+        setattr(parent, child, build(modules[name], quant))
     return model

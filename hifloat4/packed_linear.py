@@ -192,20 +192,6 @@ class PackedHiF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=hif4, rotation={rot}"
 
 
-def packed_quantize_(model: nn.Module, layers: dict[str, LayerQuant]) -> nn.Module:
-    """Replace the named nn.Linear submodules by PackedHiF4Linear, in place (the
-    packed twin of `linear.quantize_`; same validation, same outputs)."""
-    modules = dict(model.named_modules())
-    problems = [n for n in layers if not isinstance(modules.get(n), nn.Linear)]
-    if problems:
-        raise ValueError(f"not nn.Linear layers of this model: {problems[:5]}{' ...' if len(problems) > 5 else ''}")
-    for name, quant in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedHiF4Linear.from_linear(modules[name], quant))
-    return model
-
-
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer a module keeps (shared tensors counted once)."""
     seen, total = set(), 0

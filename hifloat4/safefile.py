@@ -2,9 +2,12 @@
 (state.py) and packed checkpoints (export.py). Never unpickles anything."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 MAX_HEADER_BYTES = 64 * 2**20  # a real header is kilobytes; refuse to parse absurd ones
 
@@ -46,3 +49,23 @@ def read_header(path: str | os.PathLike, error: type[Exception]) -> dict:
     if not isinstance(header, dict):
         raise error("not a safetensors file: header is not a JSON object")
     return header
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Write `path` all or nothing: a temp file in the same directory, fsync, then
+    os.replace; on any failure the temp file is removed and `path` is untouched."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

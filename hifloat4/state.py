@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from hifloat4 import wan
-from hifloat4.safefile import few, read_header, reject_constant
+from hifloat4.safefile import atomic_file, few, read_header, reject_constant
 
 FORMAT_NAME = "hifloat4-ptq"
 FORMAT_VERSION = 1
@@ -360,21 +359,8 @@ def save_state(path: str | os.PathLike, state: PTQState) -> str:
         raise PTQStateError(f"state file {path!r} must end in {SUFFIX}")
     tensors, metadata = encode_state(state)
     data = safetensors.torch.save(tensors, metadata=metadata)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; states are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
     return path
 
 

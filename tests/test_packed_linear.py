@@ -14,7 +14,6 @@ from hifloat4.packed_linear import (
     _decode_groups_vectorized,
     expand_weight,
     pack_weight,
-    packed_quantize_,
     resident_bytes,
 )
 from hifloat4.packing import BYTES_PER_GROUP, PackedHiF4, unpack, unpack_groups
@@ -148,7 +147,7 @@ def test_packed_quantize_gives_the_fake_quant_model_bit_for_bit_in_less_memory()
     state = calibrate({"high_noise": model}, lambda: model(x, t, ctx), CalibConfig())
     layers = layers_from_state(state, "high_noise")
     fake = quantize_(copy.deepcopy(model), layers)
-    packed = packed_quantize_(copy.deepcopy(model), layers)
+    packed = quantize_(copy.deepcopy(model), layers, PackedHiF4Linear.from_linear)
     with torch.no_grad():
         assert torch.equal(fake(x, t, ctx), packed(x, t, ctx))
     assert resident_bytes(packed) < 0.45 * resident_bytes(model)  # fp32 model; main weights at 4.5 bits
@@ -156,7 +155,7 @@ def test_packed_quantize_gives_the_fake_quant_model_bit_for_bit_in_less_memory()
 
 def test_packed_quantize_refuses_names_that_are_not_linear_layers():
     with pytest.raises(ValueError, match="not nn.Linear"):
-        packed_quantize_(nn.Sequential(nn.ReLU()), {"0": LayerQuant(torch.ones(4))})
+        quantize_(nn.Sequential(nn.ReLU()), {"0": LayerQuant(torch.ones(4))}, PackedHiF4Linear.from_linear)
 
 
 def test_real_wan_shapes_pack_to_28_percent_main_and_under_32_percent_whole():
