@@ -224,9 +224,18 @@ def _rel(a: Tensor, ref: Tensor) -> float:
     return float((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def evaluate(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module], ref: Reference,
-             prompts, neg, switch: int, probes: dict[str, int]) -> dict:
-    meters = [SQNRMeter(quantized[e], reference[e]) for e in (HIGH, LOW)]
+@dataclass
+class Measurement:
+    """Raw errors of one quantized pair on the held-out prompts (shared with `eval`)."""
+
+    denoiser: dict[str, list[float]]  # per expert: relative error of its output, per prompt
+    finals: list[float]  # relative error of the final latent, per prompt
+    layers: dict[str, tuple[float, float]]  # "<expert>/<layer>" -> (sum x^2, sum err^2) of its output
+
+
+def measure(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module], ref: Reference,
+            prompts, neg, switch: int, probes: dict[str, int]) -> Measurement:
+    meters = {e: SQNRMeter(quantized[e], reference[e]) for e in (HIGH, LOW)}
     den = {HIGH: [], LOW: []}
     try:
         with torch.no_grad():
@@ -236,14 +245,21 @@ def evaluate(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[s
                     out = expert_call(quantized[expert], r.x, r.sigma, ctx, neg, cfg.cfg)
                     den[expert].append(_rel(out, r.model_output))
     finally:
-        for m in meters:
+        for m in meters.values():
             m.close()
     finals = [_rel(_sample(cfg, quantized, ctx, neg, noise_seed(cfg, "eval", i), switch), ref.finals[i])
               for i, ctx in enumerate(prompts)]
-    sqnr = [d for m in meters for d in m.db()]
-    high, low = sum(den[HIGH]) / len(den[HIGH]), sum(den[LOW]) / len(den[LOW])
+    layers = {f"{e}/{name}": (sig, err) for e, m in meters.items() for name, (sig, err) in m.sums.items()}
+    return Measurement(den, finals, layers)
+
+
+def evaluate(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module], ref: Reference,
+             prompts, neg, switch: int, probes: dict[str, int]) -> dict:
+    m = measure(cfg, quantized, reference, ref, prompts, neg, switch, probes)
+    sqnr = [10 * math.log10(s / max(e, 1e-30)) for s, e in m.layers.values()]
+    high, low = sum(m.denoiser[HIGH]) / len(m.denoiser[HIGH]), sum(m.denoiser[LOW]) / len(m.denoiser[LOW])
     return {"denoiser_rel_err": (high + low) / 2, "denoiser_rel_err_high": high, "denoiser_rel_err_low": low,
-            "final_latent_rel_err": sum(finals) / len(finals), "mean_layer_sqnr_db": sum(sqnr) / len(sqnr)}
+            "final_latent_rel_err": sum(m.finals) / len(m.finals), "mean_layer_sqnr_db": sum(sqnr) / len(sqnr)}
 
 
 # --------------------------------------------------------------------------- verdict

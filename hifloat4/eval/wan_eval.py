@@ -229,33 +229,14 @@ def evaluate(cfg: demo.DemoConfig, quantized: dict[str, nn.Module], reference: d
              ref: demo.Reference, prompts: Sequence[Tensor], neg: Tensor, switch: int,
              probes: dict[str, int]) -> dict:
     """Per-layer output error, denoiser error at the probe steps, final-latent error."""
-    meters = {e: demo.SQNRMeter(quantized[e], reference[e]) for e in EXPERTS}
-    den = {e: [] for e in EXPERTS}
-    try:
-        with torch.no_grad():
-            for i, ctx in enumerate(prompts):
-                for expert, step in probes.items():
-                    r = ref.probes[i][step]
-                    out = expert_call(quantized[expert], r.x, r.sigma, ctx, neg, cfg.cfg)
-                    den[expert].append(_rel(out, r.model_output))
-    finally:
-        for m in meters.values():
-            m.close()
-    finals = []
-    with torch.no_grad():
-        for i, ctx in enumerate(prompts):
-            x = sample_two_expert(quantized[HIGH], quantized[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
-                                  cfg.cfg, demo.noise_seed(cfg, "eval", i), cfg.shift)
-            finals.append(_rel(x, ref.finals[i]))
-    layers = {}
-    for e, m in meters.items():
-        for name, (sig, err) in m.sums.items():
-            layers[f"{e}/{name}"] = {"rel_err": math.sqrt(err / max(sig, 1e-300)), "sqnr_db": sqnr_db(sig, err)}
+    m = demo.measure(cfg, quantized, reference, ref, prompts, neg, switch, probes)
+    layers = {name: {"rel_err": math.sqrt(err / max(sig, 1e-300)), "sqnr_db": sqnr_db(sig, err)}
+              for name, (sig, err) in m.layers.items()}
     dbs = [v["sqnr_db"] for v in layers.values()]
-    final = sum(finals) / len(finals)
-    high, low = sum(den[HIGH]) / len(den[HIGH]), sum(den[LOW]) / len(den[LOW])
+    final = sum(m.finals) / len(m.finals)
+    high, low = sum(m.denoiser[HIGH]) / len(m.denoiser[HIGH]), sum(m.denoiser[LOW]) / len(m.denoiser[LOW])
     return {"mean_layer_sqnr_db": sum(dbs) / len(dbs), "min_layer_sqnr_db": min(dbs),
             "mean_layer_rel_err": sum(v["rel_err"] for v in layers.values()) / len(layers),
             "denoiser_rel_err": (high + low) / 2, "denoiser_rel_err_high": high, "denoiser_rel_err_low": low,
             "final_latent_rel_err": final, "final_latent_sqnr_db": _db_from_rel(final),
-            "final_latent_rel_err_per_prompt": finals, "layers": layers}
+            "final_latent_rel_err_per_prompt": m.finals, "layers": layers}

@@ -83,6 +83,21 @@ def test_bf16_branch_is_unchanged_after_quantized_sampling(server, t2v, baseline
     assert again["sha256"] == baseline_t2v["sha256"]
 
 
+def test_torch_compile_model_node_runs_the_quantized_model(server, t2v):
+    # TorchCompileModel (inductor) after Apply: sampling must still work and give the same
+    # latent. Inductor may reorder the float ops of the unquantized parts (attention,
+    # norms), so bits can differ; the statistics must not.
+    p = P.load_and_quantize(P.T2V, "hif4test/t2v_00001.safetensors")
+    for apply_id, sampler_id, compile_id in (("21", "23", "31"), ("22", "24", "32")):
+        p[compile_id] = harness.node("TorchCompileModel", model=[apply_id, 0], backend="inductor")
+        p[sampler_id]["inputs"]["model"] = [compile_id, 0]
+    compiled = ok(server.run(p, timeout=900)).digest("hif4_final")
+    eager = t2v.digest("hif4_final")
+    assert compiled["finite"] and compiled["shape"] == eager["shape"]
+    assert abs(compiled["mean"] - eager["mean"]) < 0.05 * eager["std"]
+    assert abs(compiled["std"] - eager["std"]) < 0.05 * eager["std"]
+
+
 def test_loaded_state_reproduces_the_calibrated_run(server, t2v):
     loaded = ok(server.run(P.load_and_quantize(P.T2V, "hif4test/t2v_00001.safetensors")))
     assert loaded.digest("hif4_final")["sha256"] == t2v.digest("hif4_final")["sha256"]
