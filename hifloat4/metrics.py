@@ -120,13 +120,6 @@ def _ssim_frame(ya: Tensor, yb: Tensor, data_range: float) -> Tensor:
     return num / den
 
 
-def ssim_map(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
-    """Local SSIM of luma, [F, H', W'] over the 'valid' window positions."""
-    va, vb = _pair(a, b)
-    return torch.stack([_ssim_frame(luma(_frame(va, t)), luma(_frame(vb, t)), data_range)
-                        for t in range(va.shape[0])])
-
-
 def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """Per-frame mean SSIM of luma, shape (F,) float64 (1 for identical frames)."""
     va, vb = _pair(a, b)

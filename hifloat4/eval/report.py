@@ -149,6 +149,20 @@ def formats_section(fm: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- verdicts
 
+def _tally_tail_vs_max(methods: dict, metric: str, tail_source: str | None = None) -> dict[str, int]:
+    """Every tail setting against max at the same alpha and rotation: better/tie/worse counts.
+    With `tail_source`, only tail settings whose statistic came from that source count."""
+    tally = {"better": 0, "tie": 0, "worse": 0}
+    for r in methods.values():
+        meth = r["method"]
+        if meth["statistic"] != "tail" or (tail_source is not None and meth.get("tail_source") != tail_source):
+            continue
+        ref = methods.get(f"max a{meth['alpha']:g}" + (" +rot" if meth["rotation"] else ""))
+        if ref:
+            tally[relative_verdict(r[metric], ref[metric])] += 1
+    return tally
+
+
 def verdicts(results: dict) -> list[str]:
     """Plain statements, computed from the numbers with the 2% tie margin; never tuned."""
     out = []
@@ -166,14 +180,7 @@ def verdicts(results: dict) -> list[str]:
                 out.append(f"tiny Wan: tail p{p_main:g} a{alpha:g} vs {other_name}: final latent {v} "
                            f"({tail['final_latent_rel_err']:.4f} vs {other['final_latent_rel_err']:.4f}), "
                            f"denoiser {d} ({tail['denoiser_rel_err']:.4f} vs {other['denoiser_rel_err']:.4f})")
-        tally = {"better": 0, "tie": 0, "worse": 0}
-        for r in ms.values():
-            meth = r["method"]
-            if meth["statistic"] != "tail":
-                continue
-            ref = ms.get(f"max a{meth['alpha']:g}" + (" +rot" if meth["rotation"] else ""))
-            if ref:
-                tally[relative_verdict(r["final_latent_rel_err"], ref["final_latent_rel_err"])] += 1
+        tally = _tally_tail_vs_max(ms, "final_latent_rel_err")
         out.append(f"tiny Wan, every tail setting vs max at the same alpha and rotation (final latent): "
                    f"{tally['better']} better, {tally['tie']} tie, {tally['worse']} worse")
         rot, plain = ms.get(f"tail p{p_main:g} a{alpha:g} +rot"), tail
@@ -199,14 +206,7 @@ def verdicts(results: dict) -> list[str]:
                 v = relative_verdict(tail["one_minus_cos_mean"], other["one_minus_cos_mean"])
                 out.append(f"{r['model']}: tail p99.9 a0.5 vs {other_name}: 1 - cos {v} "
                            f"({tail['one_minus_cos_mean']:.5f} vs {other['one_minus_cos_mean']:.5f})")
-        tally = {"better": 0, "tie": 0, "worse": 0}
-        for v in ms.values():
-            meth = v["method"]
-            if meth["statistic"] != "tail" or meth.get("tail_source") != "pooled":
-                continue
-            ref = ms.get(f"max a{meth['alpha']:g}" + (" +rot" if meth["rotation"] else ""))
-            if ref:
-                tally[relative_verdict(v["one_minus_cos_mean"], ref["one_minus_cos_mean"])] += 1
+        tally = _tally_tail_vs_max(ms, "one_minus_cos_mean", tail_source="pooled")
         out.append(f"{r['model']}, every tail setting vs max at the same alpha and rotation (1 - cos): "
                    f"{tally['better']} better, {tally['tie']} tie, {tally['worse']} worse")
         ratio = r["tail_over_max"].get("99.9")
