@@ -10,6 +10,7 @@ torch (TORCH_EXTENSIONS_DIR).
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -21,9 +22,13 @@ SOURCE = Path(__file__).with_name("csrc") / "hif4_cpu.cpp"
 def load() -> ModuleType | None:
     """The compiled extension, or None (with one warning) if it cannot be built here."""
     try:
+        import torch
         from torch.utils.cpp_extension import load as jit_load
 
-        return jit_load(name="hifloat4_cpu_v1", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        # One build per torch installation: two venvs sharing torch's extension cache
+        # under one name would rebuild it in turn (and wait on each other's lock).
+        tag = hashlib.sha256(f"{torch.__file__}:{torch.__version__}".encode()).hexdigest()[:10]
+        return jit_load(name=f"hifloat4_cpu_v1_{tag}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, read-only cache dir...
         warnings.warn(f"hifloat4: C++ CPU kernels unavailable ({type(e).__name__}: {e}); "
                       "using the torch implementation (same results, slower)", RuntimeWarning, stacklevel=2)
