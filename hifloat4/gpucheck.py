@@ -100,28 +100,31 @@ def hard_inputs(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def check_fused(device: torch.device, rows: int, cols: int) -> list[str]:
-    """The fused entry points on `device` against the CPU implementation (auto backend)."""
+def fused_cases(rows: int, cols: int) -> dict[str, Callable[[torch.device], torch.Tensor]]:
+    """The fused entry points, each a function of the device it runs on."""
     g = torch.Generator().manual_seed(1)
     x32 = hard_inputs(rows, cols)
     mask = torch.exp2(torch.randn(cols, generator=g) * 2)
     w32 = hard_inputs(cols, cols, seed=2).nan_to_num(0.0, 1e3, -1e3)
     w8 = (w32 / 64).clamp(-448, 448).to(torch.float8_e4m3fn)
     scale = torch.tensor([0.0123], dtype=torch.float32)
-    packed = pack_weight(w32.bfloat16(), mask)
+    with forced("torch"):
+        packed = pack_weight(w32.bfloat16(), mask)
     cases: dict[str, Callable[[torch.device], torch.Tensor]] = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        xd = x32.to(dtype)
-        cases[f"activation/{str(dtype).removeprefix('torch.')}"] = lambda d, xd=xd: prepare_activation(
-            xd.to(d), mask.to(d))
-        wd = w32.to(dtype)
-        cases[f"weight/{str(dtype).removeprefix('torch.')}"] = lambda d, wd=wd, dt=dtype: prepare_weight(
-            wd.to(d), mask.to(d), dtype=dt)
+        name = str(dtype).removeprefix("torch.")
+        xd, wd = x32.to(dtype), w32.to(dtype)
+        cases[f"activation/{name}"] = lambda d, xd=xd: prepare_activation(xd.to(d), mask.to(d))
+        cases[f"weight/{name}"] = lambda d, wd=wd, dt=dtype: prepare_weight(wd.to(d), mask.to(d), dtype=dt)
     cases["weight/fp8_e4m3fn+scale"] = lambda d: prepare_weight(w8.to(d), mask.to(d), scale=scale.to(d),
                                                                 dtype=torch.bfloat16)
     cases["packed_decode/bf16"] = lambda d: expand_weight(
         type(packed)(packed.data.to(d), packed.shape, packed.dim, packed.dtype), torch.bfloat16)
-    refs = {name: fn(torch.device("cpu")) for name, fn in cases.items()}
+    return cases
+
+
+def check_fused(cases: dict, refs: dict, device: torch.device) -> list[str]:
+    """Names of the fused cases whose bits on `device` differ from the CPU reference."""
     return [name for name, fn in cases.items() if not same_bits(fn(device), refs[name])]
 
 
@@ -152,14 +155,19 @@ def sync_free(device: torch.device) -> bool | str:
 # --------------------------------------------------------------------------- speed and memory
 
 def act_quant(device: torch.device, tokens: int, channels: int, repeat: int) -> dict:
+    """prepare_activation (bf16 in and out) on each backend against a plain copy."""
     x = torch.randn(tokens, channels, device=device, dtype=torch.bfloat16)
     mask = torch.rand(channels, device=device) + 0.5
     copy_s = best_seconds(lambda: x.clone(), repeat, device)
-    quant_s = best_seconds(lambda: prepare_activation(x, mask), repeat, device)
-    extra = peak_forward_bytes(lambda: prepare_activation(x, mask), device) - x.numel() * x.element_size()
-    return {"shape": [tokens, channels], "dtype": "bfloat16", "copy_ms": copy_s * 1e3, "quant_ms": quant_s * 1e3,
-            "copy_fraction": copy_s / quant_s, "extra_bytes_beyond_output": extra,
-            "input_bytes": x.numel() * x.element_size()}
+    out = {"shape": [tokens, channels], "dtype": "bfloat16", "copy_ms": copy_s * 1e3,
+           "input_bytes": x.numel() * x.element_size()}
+    for name in backend.available(device):
+        with forced(name):
+            quant_s = best_seconds(lambda: prepare_activation(x, mask), repeat, device)
+            peak = peak_forward_bytes(lambda: prepare_activation(x, mask), device)
+        out[name] = {"quant_ms": quant_s * 1e3, "copy_fraction": copy_s / quant_s,
+                     "extra_bytes_beyond_output": peak - x.numel() * x.element_size()}
+    return out
 
 
 def block_bench(device: torch.device, cfg: WanConfig, grid: tuple[int, int, int], batch: int, text_len: int,
@@ -213,11 +221,13 @@ def run(device: torch.device, vectors: Path | None, small: bool) -> dict:
         result["triton"] = None
     cases = vector_cases(vectors) if vectors is not None and vectors.exists() else None
     result["vectors"] = str(vectors) if cases is not None else "missing"
+    fused = fused_cases(*((64, 256) if small else (1024, 5120)))
+    with forced("torch"):  # the CPU reference: the torch path, which CI checks against the C++ kernel
+        refs = {name: fn(torch.device("cpu")) for name, fn in fused.items()}
     exact = {}
     for name in result["backends"]:
         with forced(name):
-            failures = (check_vectors(cases, device) if cases is not None else []) + \
-                check_fused(device, *((64, 256) if small else (1024, 5120)))
+            failures = (check_vectors(cases, device) if cases is not None else []) + check_fused(fused, refs, device)
         exact[name] = failures or True
     result["exact"] = exact
     result["sync_free"] = sync_free(device) if cuda else "not applicable on cpu"
