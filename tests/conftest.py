@@ -1,9 +1,17 @@
 """Shared fixtures: run the HiF4 kernels both ways (C++ CPU kernel and pure torch)."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from hifloat4 import cpu_kernels
+import pytest
+import torch
+
+# Triton decides at decoration time whether a kernel is interpreted: without CUDA the
+# kernels of hifloat4.triton_kernels run (slowly, bit-exactly) in its interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hifloat4 import cpu_kernels  # noqa: E402 (after the environment is set)
 
 
 @pytest.fixture(params=["cpu-kernel", "torch"])
