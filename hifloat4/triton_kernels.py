@@ -13,7 +13,7 @@ divides exactly, while the GPU fuses by default and has an approximate `/`. So:
   magnitudes (integer order is float order for non-negative floats), the E6M2
   scale S and bf16 reciprocal R by binary search in format.scale_table (S comes
   from the table index: the index *is* the E6M2 byte), level bits and codes as
-  exact integer products of significands (|v| has 24 bits, R 8: < 2^32 in int64).
+  exact integer products of significands (|v| has 24 bits, R 8: < 2^32 in uint32).
 * Output values n * S * 2^(d-2) have at most 6 significant bits: the float32
   product is exact (no add follows, no FMA), exact in bf16 (range 2^-50..2^19);
   fp16 is rounded by integer arithmetic, half-even like torch's .to(float16),
@@ -70,18 +70,21 @@ def _scale_bits(index):
 
 @triton.jit
 def _significand(bits):
-    """A non-negative finite float32 (bits) as m * 2^e, m an integer < 2^24: returns (m int64, e)."""
+    """A non-negative finite float32 (bits) as m * 2^e, m an integer < 2^24: returns (m uint32, e).
+
+    m times an 8-bit bf16 significand is < 2^32: exact in uint32 (int64 is slow on GPUs).
+    """
     field = bits >> 23
     m = bits & 0x7FFFFF
     m = tl.where(field > 0, m | 0x800000, m)
-    return m.to(tl.int64), tl.maximum(field, 1) - 150
+    return m.to(tl.uint32), tl.maximum(field, 1) - 150
 
 
 @triton.jit
-def _pow2_64(shift):
-    """2^shift as int64 for shift clamped to [0, 62] (shifts past the width are undefined on GPU)."""
-    s = tl.minimum(tl.maximum(shift, 0), 62).to(tl.int64)
-    return (s * 0 + 1) << s
+def _at_least_pow2(x, t):
+    """x >= 2^t, exactly, for uint32 x and any int32 t (shift amounts kept in [0, 31]:
+    a shift past the width is undefined on a GPU)."""
+    return (t < 32) & ((x >> tl.minimum(tl.maximum(t, 0), 31).to(tl.uint32)) != 0)
 
 
 @triton.jit
@@ -93,22 +96,26 @@ def _to_out_bits(bits, OUT_KIND: tl.constexpr):
     rounding in integers, subnormals included, finite values saturate at +-65504,
     Inf stays Inf (a non-finite input is kept, HIF4_SPEC.md).
     """
+    # constexpr branches: only the taken one is compiled (one return type)
     if OUT_KIND == 0:
-        return bits
-    mag = bits & 0x7FFFFFFF
-    if OUT_KIND == 1:
+        res = bits
+    elif OUT_KIND == 1:
+        mag = bits & 0x7FFFFFFF
         hi = (bits >> 16) & 0xFFFF
-        return tl.where(mag > 0x7F800000, hi | 0x40, hi).to(tl.int16)
-    sign = (bits >> 16) & 0x8000
-    t = mag - 0x38000000  # exponent bias 127 -> 15
-    normal = (t + 0xFFF + ((t >> 13) & 1)) >> 13  # a carry into the exponent is correct
-    sig = (mag & 0x7FFFFF) | 0x800000
-    shift = tl.minimum(126 - (mag >> 23), 30)  # value / 2^-24 = sig / 2^shift; >= 25 gives 0
-    sub = (sig + ((1 << shift) >> 1) - 1 + ((sig >> shift) & 1)) >> shift
-    res = tl.where(mag < 0x38800000, sub, normal)  # below 2^-14: fp16 subnormal
-    res = tl.where(mag >= 0x477FE000, 0x7BFF, res)  # >= 65504: saturate
-    res = tl.where(mag >= 0x7F800000, tl.where(mag > 0x7F800000, 0x7E00, 0x7C00), res)
-    return (res | sign).to(tl.int16)
+        res = tl.where(mag > 0x7F800000, hi | 0x40, hi).to(tl.int16)
+    else:
+        mag = bits & 0x7FFFFFFF
+        sign = (bits >> 16) & 0x8000
+        t = mag - 0x38000000  # exponent bias 127 -> 15
+        normal = (t + 0xFFF + ((t >> 13) & 1)) >> 13  # a carry into the exponent is correct
+        sig = (mag & 0x7FFFFF) | 0x800000
+        shift = tl.minimum(126 - (mag >> 23), 30)  # value / 2^-24 = sig / 2^shift; >= 25 gives 0
+        sub = (sig + ((1 << shift) >> 1) - 1 + ((sig >> shift) & 1)) >> shift
+        h = tl.where(mag < 0x38800000, sub, normal)  # below 2^-14: fp16 subnormal
+        h = tl.where(mag >= 0x477FE000, 0x7BFF, h)  # >= 65504: saturate
+        h = tl.where(mag >= 0x7F800000, tl.where(mag > 0x7F800000, 0x7E00, 0x7C00), h)
+        res = (h | sign).to(tl.int16)
+    return res
 
 
 @triton.jit
@@ -141,12 +148,19 @@ def _quantize_rows_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, thr_ptr, rcp_ptr,
                           n_groups, groups_per_row, K, x_stride, out_stride,
                           IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
                           MASK_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK (row, 64-column group) pairs per program, each read once and written once."""
+    """BLOCK (row, 64-column group) pairs per program, each read once and written once.
+
+    Tiles are (BLOCK, 8, 2, 4): group, level-1 block, level-2 block, value. Block maxima
+    are reductions over the trailing axes and per-block values broadcast back with
+    [..., None]: no reshape, so no data movement between threads.
+    """
     gid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row = gid // groups_per_row
-    col = (gid - row * groups_per_row)[:, None] * 64 + tl.arange(0, 64)[None, :]  # (BLOCK, 64)
-    inb = (gid < n_groups)[:, None] & (col < K)  # the padding of the last group reads as 0
-    row = row.to(tl.int64)[:, None]
+    g4 = (gid - row * groups_per_row)[:, None, None, None]
+    col = (g4 * 64 + tl.arange(0, 8)[None, :, None, None] * 8 + tl.arange(0, 2)[None, None, :, None] * 4
+           + tl.arange(0, 4)[None, None, None, :])  # (BLOCK, 8, 2, 4)
+    inb = (gid < n_groups)[:, None, None, None] & (col < K)  # the last group's padding reads as 0
+    row = row.to(tl.int64)[:, None, None, None]
 
     v = _load_float32(x_ptr, row * x_stride + col, inb, IN_KIND)
     if HAS_SCALE:  # one IEEE multiply, like torch's v * scale
@@ -155,13 +169,13 @@ def _quantize_rows_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, thr_ptr, rcp_ptr,
         v = v * tl.load(mask_ptr + col, mask=inb, other=1.0)
     elif MASK_MODE == 2:  # correctly rounded on both (GPU `/` is approximate)
         v = tl.math.div_rn(v, tl.load(mask_ptr + col, mask=inb, other=1.0))
-    vb = tl.reshape(v.to(tl.int32, bitcast=True), [BLOCK, 16, 4])
+    vb = v.to(tl.int32, bitcast=True)
     mag = vb & 0x7FFFFFFF
     nonfinite = mag >= 0x7F800000
     a = tl.where(nonfinite, 0, mag)  # NaN/Inf count as 0 for their group
 
-    m16 = tl.max(a, axis=2)  # (BLOCK, 16): max of each 4 values, as float bits
-    m8 = tl.max(tl.reshape(m16, [BLOCK, 8, 2]), axis=2)  # (BLOCK, 8)
+    m16 = tl.max(a, axis=3)  # (BLOCK, 8, 2): max of each 4 values, as float bits
+    m8 = tl.max(m16, axis=2)  # (BLOCK, 8)
     vmax = tl.max(m8, axis=1)  # (BLOCK,)
 
     # S, R: index of the last threshold <= vmax (thresholds[0] = 0), branchless search
@@ -171,29 +185,30 @@ def _quantize_rows_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, thr_ptr, rcp_ptr,
         idx = tl.where(tl.load(thr_ptr + cand) <= vmax, cand, idx)
     s_bits = _scale_bits(idx)
     r_bits = tl.load(rcp_ptr + idx)  # bf16 value: R = r_sig * 2^r_exp, r_sig 8 bits
-    r_sig = (((r_bits >> 16) & 0x7F) | 0x80).to(tl.int64)[:, None]
-    r_exp = ((r_bits >> 23) - 134)[:, None]
+    r_sig = (((r_bits >> 16) & 0x7F) | 0x80).to(tl.uint32)[:, None]
+    r_exp = ((r_bits >> 23) - 134)[:, None]  # (BLOCK, 1)
 
     # level bits, exactly: V * R >= 2^t  <=>  sig(V) * r_sig >= 2^(t - exp(V) - r_exp)
     sig8, exp8 = _significand(m8)
-    b8 = (sig8 * r_sig >= _pow2_64(2 - exp8 - r_exp)).to(tl.int32)
-    b8 = tl.reshape(tl.broadcast_to(b8[:, :, None], [BLOCK, 8, 2]), [BLOCK, 16])
+    b8 = _at_least_pow2(sig8 * r_sig, 2 - exp8 - r_exp).to(tl.int32)[:, :, None]  # (BLOCK, 8, 1)
     sig16, exp16 = _significand(m16)
-    b16 = (sig16 * r_sig >= _pow2_64(1 + b8 - exp16 - r_exp)).to(tl.int32)
-    d = b8 + b16  # (BLOCK, 16)
+    b16 = _at_least_pow2(sig16 * r_sig[:, :, None], 1 + b8 - exp16 - r_exp[:, :, None]).to(tl.int32)
+    d = b8 + b16  # (BLOCK, 8, 2)
 
-    # codes n = min(floor(a * R * 2^(2-d) + 1/2), 7) with a * R * 2^(2-d) = X * 2^f exactly
+    # codes n = min(floor(a * R * 2^(2-d) + 1/2), 7), a * R * 2^(2-d) = X * 2^f exactly.
+    # f >= 0 needs a normal a (X >= 2^30): the rounding below then gives >= 2^29, capped to 7.
+    # f < 0: floor(X / 2^s + 1/2) = (floor(X / 2^(s-1)) + 1) >> 1 (X + 1 < 2^32: no
+    # overflow); s > 32 means a value below 1/2: 0.
     sig, ex = _significand(a)
-    x_int = sig * r_sig[:, :, None]
-    f = ex + (r_exp + 2 - d)[:, :, None]
-    down = tl.minimum(tl.maximum(-f, 0), 62).to(tl.int64)  # f < 0: round half up, in integers
-    up = tl.minimum(tl.maximum(f, 0), 3).to(tl.int64)  # f > 0: X * 2^f, >= 8 when X > 0 and f >= 3
-    n = tl.minimum(((x_int + (_pow2_64(down) >> 1)) >> down) << up, 7)
+    x_int = sig * r_sig[:, :, None, None]  # X < 2^32
+    f = ex + (r_exp[:, :, None] + 2 - d)[:, :, :, None]
+    half_down = tl.minimum(tl.maximum(-f - 1, 0), 31).to(tl.uint32)
+    n = tl.where(f < -32, 0, tl.minimum(((x_int >> half_down) + 1) >> 1, 7))
 
     # value = n * S * 2^(d-2): S * 2^(d-2) >= 2^-50 is a normal float, the product is exact
-    step = (s_bits[:, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)
-    q = (n.to(tl.float32) * step[:, :, None]).to(tl.int32, bitcast=True) | ((vb >> 31) << 31)
-    q = tl.reshape(tl.where(nonfinite, vb, q), [BLOCK, 64])
+    step = (s_bits[:, None, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)[:, :, :, None]
+    q = (n.to(tl.float32) * step).to(tl.int32, bitcast=True) | (vb & -0x80000000)
+    q = tl.where(nonfinite, vb, q)
     tl.store(out_ptr + row * out_stride + col, _to_out_bits(q, OUT_KIND), mask=inb)
 
 

@@ -2,7 +2,8 @@
 
 Without CUDA they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET),
 whose arithmetic differs from a GPU compile; the kernels are written so that both give
-these bits (see hifloat4/triton_kernels.py). Sizes stay small: the interpreter is slow.
+these bits (see hifloat4/triton_kernels.py). With CUDA the same tests run the GPU
+compile. Sizes stay small: the interpreter is slow.
 """
 from __future__ import annotations
 
@@ -12,16 +13,32 @@ import numpy as np
 import pytest
 import torch
 
-from hifloat4 import pack
+from hifloat4 import pack, triton_kernels
 from hifloat4.format import quantize_dequantize, scale_table
 from hifloat4.packing import BYTES_PER_GROUP, unpack_groups_torch
-from hifloat4.triton_kernels import decode_groups, quantize_rows
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
 FP16_MAX = 65504.0
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 _INT_VIEW = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEVICE)
+
+
+def quantize_rows(x, mask=None, *, scale=None, **kwargs) -> torch.Tensor:
+    """triton_kernels.quantize_rows run on DEVICE, the result back on the CPU."""
+    return triton_kernels.quantize_rows(_on_device(x), _on_device(mask), scale=_on_device(scale), **kwargs).cpu()
+
+
+def decode_groups(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """triton_kernels.decode_groups run on DEVICE into a new (n, 64) tensor, back on the CPU."""
+    out = torch.empty(data.shape[0], 64, dtype=dtype, device=DEVICE)
+    triton_kernels.decode_groups(data.to(DEVICE), out)
+    return out.cpu()
 
 
 def to_out_dtype(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -205,9 +222,12 @@ def test_values_beyond_the_largest_hif4_value_saturate_like_torch(out_dtype):
 @pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_channel_mask_is_applied_before_quantizing(dtype, divide):
+    # x = t * m (or t / m) for thresholds t: x / m (x * m) lands on or next to t, where
+    # one ulp of error in the division or product changes the quantized value
     k = 100
-    x = torch.cat([wide_range(3, k, seed=11, lo=-8, hi=8), tie_heavy(3, k, seed=12)]).to(dtype)
     mask = torch.exp(torch.randn(k, generator=gen(13)) * 2)
+    t = torch.cat([wide_range(3, k, seed=11, lo=-8, hi=8), tie_heavy(5, k, seed=12)]).double()
+    x = (t * mask.double() if divide else t / mask.double()).to(dtype)
     out = quantize_rows(x, mask, divide=divide)
     assert_bits_equal(out, reference(x, mask, divide=divide))
 
@@ -241,16 +261,16 @@ def test_fp8_input_with_scale_only():
 
 def test_fp8_input_needs_an_out_dtype():
     with pytest.raises(ValueError, match="out_dtype"):
-        quantize_rows(torch.zeros(1, 64, dtype=torch.float8_e4m3fn))
+        triton_kernels.quantize_rows(torch.zeros(1, 64, dtype=torch.float8_e4m3fn))
 
 
 def test_strided_rows_are_read_and_written_in_place():
-    big = wide_range(4, 300, seed=19).bfloat16()
+    big = wide_range(4, 300, seed=19).bfloat16().to(DEVICE)
     x = big[:, 20:120]  # row stride 300
-    out_big = torch.full((4, 160), 7.0, dtype=torch.bfloat16)
+    out_big = torch.full((4, 160), 7.0, dtype=torch.bfloat16, device=DEVICE)
     out = out_big[:, 30:130]
-    assert quantize_rows(x, out=out) is out
-    assert_bits_equal(out, reference(x))
+    assert triton_kernels.quantize_rows(x, out=out) is out
+    assert_bits_equal(out.cpu(), reference(x.cpu()))
     assert bool((out_big[:, :30] == 7.0).all() & (out_big[:, 130:] == 7.0).all())  # nothing outside
 
 
@@ -266,9 +286,7 @@ def _unpack_torch(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def test_decode_of_packed_random_data_matches_unpack(dtype):
     x = torch.cat([wide_range(3, 640, seed=20), tie_heavy(1, 640, seed=21)])
     data = pack(x).data.reshape(-1, BYTES_PER_GROUP)
-    out = torch.empty(data.shape[0], 64, dtype=dtype)
-    decode_groups(data, out)
-    assert_bits_equal(out, _unpack_torch(data, dtype))
+    assert_bits_equal(decode_groups(data, dtype), _unpack_torch(data, dtype))
 
 
 @pytest.mark.parametrize("dtype", OUT_DTYPES)
@@ -276,15 +294,13 @@ def test_decode_of_arbitrary_bytes_matches_unpack(dtype):
     # every scale byte (the reserved NaN code too), fp16 saturation and subnormals
     data = torch.randint(0, 256, (256, BYTES_PER_GROUP), dtype=torch.uint8, generator=gen(22))
     data[:, 32] = torch.arange(256, dtype=torch.uint8)
-    out = torch.empty(256, 64, dtype=dtype)
-    decode_groups(data, out)
-    assert_bits_equal(out, _unpack_torch(data, dtype))
+    assert_bits_equal(decode_groups(data, dtype), _unpack_torch(data, dtype))
 
 
 def test_decode_reads_and_writes_strided_rows():
     data_big = torch.randint(0, 256, (40, 50), dtype=torch.uint8, generator=gen(23))
-    data = data_big[:, 3 : 3 + BYTES_PER_GROUP]
-    out_big = torch.zeros(40, 80, dtype=torch.bfloat16)
-    decode_groups(data, out_big[:, 8:72])
-    assert_bits_equal(out_big[:, 8:72], _unpack_torch(data.contiguous(), torch.bfloat16))
+    data = data_big.to(DEVICE)[:, 3 : 3 + BYTES_PER_GROUP]
+    out_big = torch.zeros(40, 80, dtype=torch.bfloat16, device=DEVICE)
+    triton_kernels.decode_groups(data, out_big[:, 8:72])
+    assert_bits_equal(out_big[:, 8:72].cpu(), _unpack_torch(data.cpu().contiguous(), torch.bfloat16))
     assert bool((out_big[:, :8] == 0).all() & (out_big[:, 72:] == 0).all())
