@@ -195,15 +195,16 @@ def _quantize_rows_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, thr_ptr, rcp_ptr,
     b16 = _at_least_pow2(sig16 * r_sig[:, :, None], 1 + b8 - exp16 - r_exp[:, :, None]).to(tl.int32)
     d = b8 + b16  # (BLOCK, 8, 2)
 
-    # codes n = min(floor(a * R * 2^(2-d) + 1/2), 7), a * R * 2^(2-d) = X * 2^f exactly.
-    # f >= 0 needs a normal a (X >= 2^30): the rounding below then gives >= 2^29, capped to 7.
-    # f < 0: floor(X / 2^s + 1/2) = (floor(X / 2^(s-1)) + 1) >> 1 (X + 1 < 2^32: no
-    # overflow); s > 32 means a value below 1/2: 0.
-    sig, ex = _significand(a)
-    x_int = sig * r_sig[:, :, None, None]  # X < 2^32
-    f = ex + (r_exp[:, :, None] + 2 - d)[:, :, :, None]
-    half_down = tl.minimum(tl.maximum(-f - 1, 0), 31).to(tl.uint32)
-    n = tl.where(f < -32, 0, tl.minimum(((x_int >> half_down) + 1) >> 1, 7))
+    # codes n = min(floor(a * R * 2^(2-d) + 1/2), 7) = min(floor(X / 2^s + 1/2), 7), exactly,
+    # with X = sig(a) * r_sig < 2^32 and s = shift - exponent field of a. Subnormal a (and 0)
+    # are given the implicit bit too: their s > 100 makes n = 0 either way.
+    # s > 0: floor(X / 2^s + 1/2) = (floor(X / 2^(s-1)) + 1) >> 1 (X + 1 < 2^32: no overflow);
+    # s > 32: the value is below 1/2, n = 0; s <= 0 only for X >= 2^30 (a >= 2^30 / R): n = 7.
+    x_int = ((a & 0x7FFFFF) | 0x800000).to(tl.uint32) * r_sig[:, :, None, None]
+    shift = (r_exp[:, :, None] + 2 - d)[:, :, :, None]
+    s_minus_1 = 149 - shift - (a >> 23)  # s = 150 - (exponent field + r_exp + 2 - d)
+    n = ((x_int >> tl.minimum(tl.maximum(s_minus_1, 0), 31).to(tl.uint32)) + 1) >> 1
+    n = tl.where(s_minus_1 > 31, 0, tl.minimum(n, 7))
 
     # value = n * S * 2^(d-2): S * 2^(d-2) >= 2^-50 is a normal float, the product is exact
     step = (s_bits[:, None, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)[:, :, :, None]
