@@ -37,7 +37,7 @@ from torch import Tensor
 from .format import GROUP_SIZE, scale_table
 from .packing import BYTES_PER_GROUP
 
-_BLOCK = 32  # groups per program: 2048 values, 16 per thread with 4 warps
+_BLOCK = 16  # groups per program: 1024 values, 8 per thread with 4 warps (fastest of 8/16/32 on an H200)
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NO_MASK, _MUL_MASK, _DIV_MASK = 0, 1, 2

@@ -82,15 +82,15 @@ def wide_range(rows: int, k: int, seed: int, lo: int = -40, hi: int = 20) -> tor
 def tie_heavy(rows: int, k: int, seed: int) -> torch.Tensor:
     """Values exactly on code and level-bit thresholds, and one float32 ulp either side.
 
-    Each group's max is 7 * 2^e, so S = 2^e and R = 2^-e exactly: (n + 1/2) * 2^(j-2) * 2^e
-    is a code tie for d = j, and 4 * 2^e, 2 * 2^e, 4 * 2^e * 2 are level-bit thresholds.
+    Each group's max is 7 * 2^e, so S = 2^e and R = 2^-e exactly: (n + 1/2) * 2^(d-2) * 2^e
+    is a code tie for d = 0, 1, 2; 2 * 2^e and 4 * 2^e are the level-bit thresholds.
     """
     g = gen(seed)
     e = torch.randint(-46, 12, (rows, (k + 63) // 64), generator=g).repeat_interleave(64, dim=1)[:, :k].float()
     n = torch.randint(0, 8, (rows, k), generator=g).float()
-    j = torch.randint(0, 3, (rows, k), generator=g).float()
-    ties = (n + 0.5) * torch.exp2(j - 2)
-    levels = torch.tensor([2.0, 4.0, 8.0, 1.75, 3.5, 7.0])[torch.randint(0, 6, (rows, k), generator=g)]
+    d = torch.randint(0, 3, (rows, k), generator=g).float()
+    ties = (n + 0.5) * torch.exp2(d - 2)
+    levels = torch.tensor([2.0, 4.0])[torch.randint(0, 2, (rows, k), generator=g)]
     v = torch.where(torch.rand(rows, k, generator=g) < 0.25, levels, ties) * torch.exp2(e)
     ulp = torch.randint(-1, 2, (rows, k), generator=g, dtype=torch.int32)  # -1, 0, +1 ulp
     v = (v.view(torch.int32) + ulp).view(torch.float32)
@@ -100,12 +100,15 @@ def tie_heavy(rows: int, k: int, seed: int) -> torch.Tensor:
 
 
 def scale_thresholds(rows: int, k: int, seed: int) -> torch.Tensor:
-    """Group maxima exactly on the E6M2 scale thresholds and one ulp below/above them."""
+    """Each group's max exactly on an E6M2 scale threshold or one ulp below/above it."""
     g = gen(seed)
     thresholds = scale_table()[0][1:]
     picks = thresholds[torch.randint(0, len(thresholds), (rows, k), generator=g)]
     ulp = torch.randint(-1, 2, (rows, k), generator=g, dtype=torch.int32)
-    return (picks.view(torch.int32) + ulp).view(torch.float32) * torch.exp2(-torch.randint(0, 4, (rows, k), generator=g).float())
+    v = (picks.view(torch.int32) + ulp).view(torch.float32)
+    v = v * torch.exp2(-torch.randint(1, 8, (rows, k), generator=g).float())  # below the max...
+    v[:, ::64] = (picks[:, ::64].view(torch.int32) + ulp[:, ::64]).view(torch.float32)  # ...but the first
+    return v
 
 
 def with_nonfinite(x: torch.Tensor, seed: int) -> torch.Tensor:
