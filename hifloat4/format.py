@@ -220,12 +220,20 @@ def saturate_(q: Tensor, dtype: torch.dtype) -> Tensor:
     """Clamp HiF4 values `q` in place to what `dtype` holds, so the cast saturates.
 
     HiF4 reaches 7 * 49152 = 344064; float16 stops at 65504 (bf16 and float32
-    hold every HiF4 value exactly). The one place that decides fp16 saturation.
+    hold every HiF4 value exactly). NaN and Inf inputs stay what they are (the
+    spec's policy), so only finite values are clamped. The one place that decides
+    fp16 saturation.
     """
     limit = torch.finfo(dtype).max
     if limit < SCALE_MAX * 7:
-        q.clamp_(-limit, limit)
+        torch.where(torch.isinf(q), q, q.clamp(-limit, limit), out=q)
     return q
+
+
+def unit_stride_rows(x: Tensor) -> Tensor:
+    """x as 2-D rows (-1, K) whose K axis has unit stride (a view when possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 
 def to_groups(x: Tensor, dim: int) -> tuple[Tensor, tuple[int, ...], int]:
@@ -280,7 +288,7 @@ def quantize_dequantize(x: Tensor, dim: int = -1) -> Tensor:
     if impl == "triton" and x.dtype != torch.float64:  # one fused pass over the rows, no grouping copy
         from . import triton_kernels
         moved = x.movedim(dim, -1)
-        rows = moved.reshape(-1, moved.shape[-1])
+        rows = unit_stride_rows(moved)
         return triton_kernels.quantize_rows(rows).view(moved.shape).movedim(-1, dim).contiguous()
     groups, moved_shape, dim = to_groups(x, dim)
     out = torch.empty(groups.shape, dtype=x.dtype, device=x.device)

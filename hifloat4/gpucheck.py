@@ -154,14 +154,14 @@ def sync_free(device: torch.device) -> bool | str:
 
 # --------------------------------------------------------------------------- speed and memory
 
-def act_quant(device: torch.device, tokens: int, channels: int, repeat: int) -> dict:
+def act_quant(device: torch.device, backends: list[str], tokens: int, channels: int, repeat: int) -> dict:
     """prepare_activation (bf16 in and out) on each backend against a plain copy."""
     x = torch.randn(tokens, channels, device=device, dtype=torch.bfloat16)
     mask = torch.rand(channels, device=device) + 0.5
     copy_s = best_seconds(lambda: x.clone(), repeat, device)
     out = {"shape": [tokens, channels], "dtype": "bfloat16", "copy_ms": copy_s * 1e3,
            "input_bytes": x.numel() * x.element_size()}
-    for name in backend.available(device):
+    for name in backends:
         with forced(name):
             quant_s = best_seconds(lambda: prepare_activation(x, mask), repeat, device)
             peak = peak_forward_bytes(lambda: prepare_activation(x, mask), device)
@@ -210,10 +210,11 @@ def block_bench(device: torch.device, cfg: WanConfig, grid: tuple[int, int, int]
 
 # --------------------------------------------------------------------------- driver
 
-def run(device: torch.device, vectors: Path | None, small: bool) -> dict:
+def run(device: torch.device, vectors: Path | None, small: bool, only: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
+    backends = [b for b in backend.available(device) if only is None or b in only]
     result: dict = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-                    "torch": torch.__version__, "backends": backend.available(device)}
+                    "torch": torch.__version__, "backends": backends}
     try:
         import triton
         result["triton"] = triton.__version__
@@ -230,13 +231,15 @@ def run(device: torch.device, vectors: Path | None, small: bool) -> dict:
             failures = (check_vectors(cases, device) if cases is not None else []) + check_fused(fused, refs, device)
         exact[name] = failures or True
     result["exact"] = exact
+    print("exact: " + json.dumps(exact), flush=True)
     result["sync_free"] = sync_free(device) if cuda else "not applicable on cpu"
     if small:
-        result["act_quant"] = act_quant(device, 256, 1024, repeat=3)
+        result["act_quant"] = act_quant(device, backends, 256, 1024, repeat=3)
         result["block"] = block_bench(device, WanConfig(dim=256, ffn_dim=512, num_layers=1, num_heads=2),
                                       (2, 4, 4), batch=2, text_len=16, repeat=2)
     else:  # Wan2.2-A14B at 480p, 81 frames: 21 x 30 x 52 = 32,760 tokens, x 2 for cfg
-        result["act_quant"] = act_quant(device, 2 * 32760, 13824, repeat=5)
+        result["act_quant"] = act_quant(device, backends, 2 * 32760, 13824, repeat=5)
+        print("act_quant: " + json.dumps(result["act_quant"]), flush=True)
         result["block"] = block_bench(device, WanConfig(dim=5120, ffn_dim=13824, num_layers=1),
                                       (21, 30, 52), batch=2, text_len=512, repeat=3)
     result["ok"] = all(v is True for v in exact.values()) and result["sync_free"] is not False and \
@@ -249,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--vectors", type=Path, default=DEFAULT_VECTORS, help="hif4_reference_vectors.npz")
     p.add_argument("--small", action="store_true", help="small sizes (the default on CPU)")
+    p.add_argument("--backend", action="append", choices=("cpp", "triton", "torch"),
+                   help="check only this backend (repeatable; default: every backend that runs on the device)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    result = run(device, args.vectors, args.small or device.type != "cuda")
+    result = run(device, args.vectors, args.small or device.type != "cuda", args.backend)
     print("RESULT " + json.dumps(result))
     return 0 if result["ok"] else 1
 

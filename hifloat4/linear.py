@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend
-from .format import quantize_dequantize, saturate_
+from .format import quantize_dequantize, saturate_, unit_stride_rows
 from .rotation import Rotation, rotate
 
 CHUNK_ELEMENTS = 1 << 22  # activation values upcast to float32 at a time (16 MiB)
@@ -41,7 +41,7 @@ def _smooth_quantize_rows(rows: Tensor, mask: Tensor, rotation: Rotation | None,
     """
     if rotation is None and backend.for_device(rows.device) == "triton":
         from . import triton_kernels
-        triton_kernels.quantize_rows(rows, mask, divide=divide, scale=scale, out=out)
+        triton_kernels.quantize_rows(unit_stride_rows(rows), mask, divide=divide, scale=scale, out=out)
         return
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
     for i in range(0, rows.shape[0], step):

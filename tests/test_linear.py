@@ -101,3 +101,13 @@ def test_functional_forward_matches_module():
     x = torch.randn(3, 256)
     w = prepare_weight(lin.weight.detach(), m)
     assert torch.equal(w4a4_linear(x, w, lin.bias, quant), HiF4Linear(lin, quant)(x))
+
+
+def test_fp16_activations_saturate_finite_values_but_keep_infinities():
+    """HiF4 reaches 344064, fp16 stops at 65504: finite values saturate; an Inf input is
+    kept as Inf (the spec's non-finite policy), not turned into 65504."""
+    x = torch.zeros(1, 64, dtype=torch.float16)
+    x[0, 0], x[0, 1], x[0, 2] = 60000.0, float("inf"), float("-inf")
+    q = prepare_activation(x, torch.full((64,), 4.0))  # 60000 * 4 is beyond fp16 once quantized
+    assert q[0, 0].item() == 65504.0
+    assert q[0, 1].item() == float("inf") and q[0, 2].item() == float("-inf")
