@@ -1,4 +1,5 @@
-"""Fused Triton kernels for HiF4: one-pass quantize-dequantize of rows and packed decode.
+"""Fused Triton kernels for HiF4: one-pass quantize-dequantize of rows, packed decode, and
+HiF4 x HiF4 matrix products on int8 dots.
 
 Why: on a GPU the torch implementation (format.py) is ~74 ops per chunk; one kernel
 reads each 64-value group once and writes its HiF4 value once.
@@ -37,7 +38,10 @@ from torch import Tensor
 from .format import GROUP_SIZE, scale_table
 from .packing import BYTES_PER_GROUP
 
-_BLOCK = 16  # groups per program: 1024 values, 8 per thread with 4 warps (fastest of 8/16/32 on an H200)
+# Launch shapes: the fastest on an H200 of groups per program 2..32 x 1..8 warps
+_BLOCK, _NUM_WARPS = 4, 1  # quantize: 4 groups = 256 values per program, 8 per thread
+_DECODE_BLOCK, _DECODE_WARPS = 64, 2  # decode: 64 groups per program
+_MM_BLOCK = 64  # int8_matmul: 64 x 64 output tiles
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NO_MASK, _MUL_MASK, _DIV_MASK = 0, 1, 2
@@ -263,19 +267,16 @@ def quantize_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False
             x_arg, out_arg, thr if mask is None else mask, thr if scale is None else scale, thr, rcp,
             n_groups, groups_per_row, k, x.stride(0), out.stride(0),
             IN_KIND=_IN_KINDS[x.dtype], OUT_KIND=_OUT_KINDS[out_dtype], HAS_SCALE=scale is not None,
-            MASK_MODE=mode, BLOCK=_BLOCK)
+            MASK_MODE=mode, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out
 
 
 # --------------------------------------------------------------------------- packed decode
 
 @triton.jit
-def _decode_groups_kernel(data_ptr, out_ptr, n_groups, data_stride, out_stride,
-                          OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK packed groups (packing.py layout) per program -> 64 values each."""
-    gid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = gid < n_groups
-    base = gid.to(tl.int64) * data_stride
+def _packed_fields(data_ptr, base, valid):
+    """Packed groups at byte offsets `base` (R,) -> per value (R, 64): code (sign << 3 | n)
+    and level d = b8 + b16; per group (R,): the float32 bits of S."""
     e = tl.arange(0, 64)[None, :]
     vmask = valid[:, None]
     byte = tl.load(data_ptr + base[:, None] + e // 2, mask=vmask, other=0).to(tl.int32)
@@ -283,11 +284,21 @@ def _decode_groups_kernel(data_ptr, out_ptr, n_groups, data_stride, out_stride,
     s_bits = _scale_bits(tl.load(data_ptr + base + 32, mask=valid, other=0).to(tl.int32))
     b8 = (tl.load(data_ptr + base + 33, mask=valid, other=0).to(tl.int32)[:, None] >> (e // 8)) & 1
     b16 = (tl.load(data_ptr + base[:, None] + 34 + e // 32, mask=vmask, other=0).to(tl.int32) >> ((e // 4) % 8)) & 1
+    return code, b8 + b16, s_bits
+
+
+@triton.jit
+def _decode_groups_kernel(data_ptr, out_ptr, n_groups, data_stride, out_stride,
+                          OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK packed groups (packing.py layout) per program -> 64 values each."""
+    gid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = gid < n_groups
+    code, d, s_bits = _packed_fields(data_ptr, gid.to(tl.int64) * data_stride, valid)
     # S * 2^(d-2) >= 2^-50 is normal, code * step has <= 6 significant bits: exact
-    step = (s_bits[:, None] + ((b8 + b16 - 2) << 23)).to(tl.float32, bitcast=True)
+    step = (s_bits[:, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)
     q = ((code & 7).to(tl.float32) * step).to(tl.int32, bitcast=True) | ((code >> 3) << 31)
-    out_offs = gid.to(tl.int64)[:, None] * out_stride + e
-    tl.store(out_ptr + out_offs, _to_out_bits(q, OUT_KIND), mask=vmask)
+    out_offs = gid.to(tl.int64)[:, None] * out_stride + tl.arange(0, 64)[None, :]
+    tl.store(out_ptr + out_offs, _to_out_bits(q, OUT_KIND), mask=valid[:, None])
 
 
 def decode_groups(data: Tensor, out: Tensor) -> None:
@@ -306,5 +317,64 @@ def decode_groups(data: Tensor, out: Tensor) -> None:
         return
     out_arg = out.view(torch.int32 if out.element_size() == 4 else torch.int16)
     with _device_context(data):
-        _decode_groups_kernel[(triton.cdiv(n, _BLOCK),)](
-            data, out_arg, n, data.stride(0), out.stride(0), OUT_KIND=_OUT_KINDS[out.dtype], BLOCK=_BLOCK)
+        _decode_groups_kernel[(triton.cdiv(n, _DECODE_BLOCK),)](
+            data, out_arg, n, data.stride(0), out.stride(0), OUT_KIND=_OUT_KINDS[out.dtype], BLOCK=_DECODE_BLOCK,
+            num_warps=_DECODE_WARPS)
+
+
+# --------------------------------------------------------------------------- HiF4 x HiF4 on int8
+
+@triton.jit
+def _int8_operand(data_ptr, base, valid):
+    """Packed groups -> (4 * value / S as int8 (R, 64), in [-28, 28]; S / 4 as float32 (R,))."""
+    code, d, s_bits = _packed_fields(data_ptr, base, valid)
+    magnitude = (code & 7) << d
+    ints = tl.where(code >= 8, -magnitude, magnitude).to(tl.int8)
+    return ints, (s_bits - (2 << 23)).to(tl.float32, bitcast=True)  # S / 4 >= 2^-50: exact
+
+
+@triton.jit
+def _int8_matmul_kernel(a_ptr, w_ptr, out_ptr, M, N, G, a_stride, w_stride, out_stride,
+                        BM: tl.constexpr, BN: tl.constexpr):
+    """out[BM, BN] tile = sum over groups g of int8 dot_g * (S_a / 4) * (S_w / 4), g in order.
+
+    Exact up to the sum: |dot_g| <= 64 * 28 * 28 < 2^16 in int32; (S_a/4)(S_w/4) has 6
+    significant bits and is >= 2^-100 (normal); their product (<= 22 bits) is exact, so
+    acc + dot * scale rounds once whether or not it is fused into an FMA.
+    """
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    a_base = rm.to(tl.int64) * a_stride
+    w_base = rn.to(tl.int64) * w_stride
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for g in range(G):
+        a_int, a_quarter = _int8_operand(a_ptr, a_base + g * 36, rm < M)
+        w_int, w_quarter = _int8_operand(w_ptr, w_base + g * 36, rn < N)
+        dot = tl.dot(a_int, tl.trans(w_int))  # int32
+        acc += dot.to(tl.float32) * (a_quarter[:, None] * w_quarter[None, :])
+    offs = rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
+    tl.store(out_ptr + offs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def int8_matmul(a: Tensor, w: Tensor) -> Tensor:
+    """(M, N) float32 A @ W^T of HiF4-packed A (M, G, 36) and W (N, G, 36), packed along K.
+
+    4 * q / S is an integer in [-28, 28] for every HiF4 value q of a group with scale S,
+    so each 64-wide group is one exact int8 dot (int32 accumulation), scaled by
+    S_a * S_w / 16 and summed over the groups in order in float32.
+    """
+    for name, t in (("a", a), ("w", w)):
+        if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != BYTES_PER_GROUP or t.stride(2) != 1 \
+                or t.stride(1) != BYTES_PER_GROUP:
+            raise ValueError(f"{name} must be packed HiF4 groups, uint8 (rows, groups, {BYTES_PER_GROUP}) "
+                             f"with contiguous groups, got {t.dtype} {tuple(t.shape)}")
+    if a.shape[1] != w.shape[1] or a.device != w.device:
+        raise ValueError(f"a {tuple(a.shape)} on {a.device} and w {tuple(w.shape)} on {w.device} must share K and device")
+    m, n, groups = a.shape[0], w.shape[0], a.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    with _device_context(a):
+        _int8_matmul_kernel[(triton.cdiv(m, _MM_BLOCK), triton.cdiv(n, _MM_BLOCK))](
+            a, w, out, m, n, groups, a.stride(0), w.stride(0), out.stride(0), BM=_MM_BLOCK, BN=_MM_BLOCK)
+    return out

@@ -307,3 +307,58 @@ def test_decode_reads_and_writes_strided_rows():
     triton_kernels.decode_groups(data, out_big[:, 8:72])
     assert_bits_equal(out_big[:, 8:72].cpu(), _unpack_torch(data.cpu().contiguous(), torch.bfloat16))
     assert bool((out_big[:, :8] == 0).all() & (out_big[:, 72:] == 0).all())
+
+
+# --- HiF4 x HiF4 on int8 dots ------------------------------------------------------
+
+def _int8_operands(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (R, G, 36) -> (4 * q / S per value (R, G, 64) float64, S / 4 per group (R, G) float32)."""
+    rows, groups = data.shape[:2]
+    flat = data.reshape(-1, BYTES_PER_GROUP)
+    q = _unpack_torch(flat, torch.float32)
+    byte = flat[:, 32].long()
+    quarter = torch.ldexp(1.0 + (byte & 3).float() * 0.25, (byte >> 2) - 48 - 2)  # S / 4
+    ints = q / quarter[:, None]  # exact: q = integer * S / 4
+    assert bool((ints == ints.round()).all() & (ints.abs() <= 28).all())
+    return ints.double().view(rows, groups, 64), quarter.view(rows, groups)
+
+
+def _matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The int8 product's arithmetic in torch: exact group dots, scaled, summed in group order."""
+    ia, qa = _int8_operands(a)
+    iw, qw = _int8_operands(w)
+    acc = torch.zeros(a.shape[0], w.shape[0])
+    for g in range(a.shape[1]):
+        acc = acc + (ia[:, g] @ iw[:, g].T).float() * (qa[:, g, None] * qw[None, :, g])
+    return acc
+
+
+def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return triton_kernels.int8_matmul(a.to(DEVICE), w.to(DEVICE)).cpu()
+
+
+@pytest.fixture(scope="module")
+def packed_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, w, packed x, packed w): K = 200 (padded last group), M and N not tile multiples."""
+    x = torch.cat([wide_range(40, 200, seed=24, lo=-6, hi=6), tie_heavy(30, 200, seed=25)])
+    w = wide_range(90, 200, seed=26, lo=-12, hi=0)
+    return x, w, pack(x).data, pack(w).data
+
+
+def test_int8_matmul_sums_exact_group_dots_in_order(packed_pair):
+    _, _, a, w = packed_pair
+    assert_bits_equal(int8_matmul(a, w), _matmul_reference(a, w))
+
+
+def test_int8_matmul_is_the_product_of_the_dequantized_operands(packed_pair):
+    x, w, a, pw = packed_pair
+    exact = quantize_dequantize(x).double() @ quantize_dequantize(w).double().T
+    out = int8_matmul(a, pw).double()
+    assert out.shape == (70, 90)
+    assert torch.allclose(out, exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+
+
+def test_int8_matmul_refuses_operands_of_different_k(packed_pair):
+    _, _, a, w = packed_pair
+    with pytest.raises(ValueError, match="share K"):
+        triton_kernels.int8_matmul(a, w[:, :2])
