@@ -35,12 +35,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .backend import triton_interpreted
 from .format import GROUP_SIZE, scale_table
 from .packing import BYTES_PER_GROUP
 
-# Launch shapes: the fastest on an H200 of groups per program 2..32 x 1..8 warps
-_BLOCK, _NUM_WARPS = 4, 1  # quantize: 4 groups = 256 values per program, 8 per thread
-_DECODE_BLOCK, _DECODE_WARPS = 64, 2  # decode: 64 groups per program
+# Launch shapes: the fastest on an H200 of groups per program 2..32 x 1..8 warps. The
+# interpreter pays per program, not per value, so it gets large tiles (same bits: every
+# decision is per group, whatever the tile).
+_BLOCK, _NUM_WARPS = (256, 1) if triton_interpreted() else (4, 1)  # quantize: groups per program
+_DECODE_BLOCK, _DECODE_WARPS = (256, 2) if triton_interpreted() else (64, 2)  # decode: groups per program
 _MM_BLOCK = 64  # int8_matmul: 64 x 64 output tiles
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
