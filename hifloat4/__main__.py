@@ -8,6 +8,7 @@ COMMANDS = {
     "demo": ("hifloat4.demo", "tiny Wan2.2 end to end: calibrate, save, reload, W4A4, compare"),
     "inspect": ("hifloat4.inspect_state", "show and validate a PTQ state file"),
     "bench": ("hifloat4.bench", "speed and memory of the HiF4 kernels on this machine"),
+    "gpucheck": ("hifloat4.gpucheck", "bit-exactness, sync-freedom, speed and memory of the GPU path"),
     "export": ("hifloat4.export", "write a Wan2.2 expert with packed HiF4 main weights"),
     "eval": ("hifloat4.eval", "quality evaluation: tail-aware vs max vs none, formats, a real model"),
 }

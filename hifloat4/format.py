@@ -12,8 +12,14 @@ Exactness strategy (why the code looks the way it does):
   threshold (a half-integer for the code, 4 or 2 for the level bits); those
   positions are re-decided from the exact sign of the rounding error, computed
   with a hi/lo split of |x| (both partial products are exact in float32).
-* Work is done in chunks of groups so temporaries stay cache-sized and peak
-  memory is O(output) whatever the input size.
+* Work is done in chunks of groups so temporaries stay bounded (cache-sized on a
+  CPU, large enough on a GPU that launches don't dominate) and peak memory is
+  O(output) whatever the input size.
+* No host synchronisation: no data-dependent Python branch, no .item(), no
+  per-call host-to-device copy (tables are cached per device). Corrections for
+  rare cases (NaN/Inf, float32 ties) are applied unconditionally as masks, so the
+  same ops run whatever the data; `backend.py` picks this path, the C++ kernel or
+  the Triton kernels (same bits).
 """
 from __future__ import annotations
 
@@ -25,14 +31,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import cpu_kernels
+from . import backend, cpu_kernels
 
 GROUP_SIZE = 64
 SCALE_MIN = 2.0**-48  # smallest E6M2 scale: 2^-48 x 1.00
 SCALE_MAX = 49152.0  # largest E6M2 scale: 2^15 x 1.50 (1.75 x 2^15 is NaN)
 BF16_ONE_SEVENTH = 0.142578125  # bf16(1/7), the spec's c
-_CHUNK_GROUPS = 2048  # 128 Ki values per chunk: fits L2 with all temporaries
-_HALF = torch.tensor(0.5)
+# Groups per chunk: on a CPU 128 Ki values fit L2 with all temporaries; elsewhere
+# 2 Mi values (~8 MiB per float32 temporary) keep launches few and memory bounded.
+_CHUNK_GROUPS = {"cpu": 2048, "other": 1 << 15}
 _LOW_BITS = 0xFFF  # hi/lo split of a float32 mantissa: hi keeps 12 bits, lo 12 bits
 
 
@@ -108,10 +115,8 @@ def _level_bit(a: Tensor, mult: Tensor, threshold: float, exact_products: bool) 
     """
     prod = a * mult
     bit = torch.ge(prod, threshold, out=torch.empty_like(prod))
-    if not exact_products:
-        tie = prod == threshold
-        if tie.any():
-            bit.masked_fill_(tie & _below_exact(a, mult, prod), 0.0)
+    if not exact_products:  # a rounded product equal to the threshold may be just below it
+        bit.masked_fill_((prod == threshold) & _below_exact(a, mult, prod), 0.0)
     return bit
 
 
@@ -124,15 +129,12 @@ def _codes(a: Tensor, mult: Tensor, exact_products: bool) -> Tensor:
     fraction is exactly one half, and those values are re-decided exactly.
     """
     if exact_products:
-        n = torch.addcmul(_HALF.to(a.device), a, mult).floor_()
+        n = torch.mul(a, mult).add_(0.5).floor_()  # both steps exact: no fusion needed
     else:
         v = a * mult
         n = v.floor()
         frac = v - n  # exact
-        up = frac >= 0.5
-        tie = frac == 0.5
-        if tie.any():
-            up &= ~(tie & _below_exact(a, mult, v))
+        up = (frac >= 0.5) & ~((frac == 0.5) & _below_exact(a, mult, v))
         n += up
     return n.clamp_(max=7.0)  # m >= 2 saturates to 1.75
 
@@ -168,7 +170,7 @@ class GroupCodes:
     """
 
     signed: Tensor  # the input as float32 (sign source; NaN/Inf kept)
-    nonfinite: Tensor | None  # mask of NaN/Inf, None when there are none
+    nonfinite: Tensor  # (g, 64) bool: NaN/Inf positions
     codes: Tensor
     step: Tensor
     scale: Tensor
@@ -187,12 +189,9 @@ def encode_groups(x: Tensor) -> GroupCodes:
     exact_products = x.dtype in (torch.bfloat16, torch.float16)
     xf = x.float()  # for float32 this is x itself: never modify it in place
     a = xf.abs()
+    nonfinite = ~torch.isfinite(a)
+    a.masked_fill_(nonfinite, 0.0)  # NaN/Inf count as 0 for their group
     v16 = _block_max(a)
-    nonfinite = None
-    if not torch.isfinite(v16.amax()):  # max propagates NaN and Inf
-        nonfinite = ~torch.isfinite(xf)
-        a.masked_fill_(nonfinite, 0.0)  # they count as 0 for their group
-        v16 = _block_max(a)
     v8 = _pair_max(v16)  # (g, 8)
     scale, recip = lookup_scales(v8.amax(-1, keepdim=True))  # (g, 1)
     recip16 = _repeat(_repeat(recip, 4), 4)  # (g, 16), exact: R is a bf16 value
@@ -210,14 +209,23 @@ def decode_groups(codes: Tensor, step: Tensor, signs: Tensor, out: Tensor) -> No
 
     `signs` is any float32 tensor whose sign bits are the values' signs.
     """
-    q = codes.mul(_repeat(step, 4))
-    limit = torch.finfo(out.dtype).max
-    if limit < SCALE_MAX * 7:
-        q.clamp_(max=limit)
+    q = saturate_(codes.mul(_repeat(step, 4)), out.dtype)
     if out.dtype == torch.float32:
         torch.copysign(q, signs, out=out)
     else:
         out.copy_(q.copysign_(signs))
+
+
+def saturate_(q: Tensor, dtype: torch.dtype) -> Tensor:
+    """Clamp HiF4 values `q` in place to what `dtype` holds, so the cast saturates.
+
+    HiF4 reaches 7 * 49152 = 344064; float16 stops at 65504 (bf16 and float32
+    hold every HiF4 value exactly). The one place that decides fp16 saturation.
+    """
+    limit = torch.finfo(dtype).max
+    if limit < SCALE_MAX * 7:
+        q.clamp_(-limit, limit)
+    return q
 
 
 def to_groups(x: Tensor, dim: int) -> tuple[Tensor, tuple[int, ...], int]:
@@ -239,18 +247,18 @@ def from_groups(groups: Tensor, moved_shape: tuple[int, ...], dim: int) -> Tenso
     return rows[:, :k].reshape(moved_shape).movedim(-1, dim).contiguous()
 
 
-def chunks(n: int) -> Iterator[slice]:
-    """Slices of at most _CHUNK_GROUPS groups: temporaries stay cache-sized."""
-    return (slice(i, i + _CHUNK_GROUPS) for i in range(0, n, _CHUNK_GROUPS))
+def chunks(n: int, device: torch.device) -> Iterator[slice]:
+    """Slices of at most _CHUNK_GROUPS groups for `device`: temporaries stay bounded."""
+    size = _CHUNK_GROUPS["cpu" if device.type == "cpu" else "other"]
+    return (slice(i, i + size) for i in range(0, n, size))
 
 
 def quantize_groups_torch(groups: Tensor, out: Tensor) -> None:
-    """The torch implementation over (n, 64) groups: any device, chunked."""
-    for sl in chunks(groups.shape[0]):
+    """The torch implementation over (n, 64) groups: any device, chunked, sync-free."""
+    for sl in chunks(groups.shape[0], groups.device):
         enc = encode_groups(groups[sl])
         decode_groups(enc.codes, enc.step, enc.signed, out[sl])
-        if enc.nonfinite is not None:
-            out[sl] = torch.where(enc.nonfinite, groups[sl], out[sl])
+        out[sl] = torch.where(enc.nonfinite, groups[sl], out[sl])
 
 
 @torch.no_grad()
@@ -259,8 +267,8 @@ def quantize_dequantize(x: Tensor, dim: int = -1) -> Tensor:
 
     Returns a tensor of the same shape, dtype and device. NaN/Inf stay in place
     and the rest of their group is quantized as if they were 0. float64 input is
-    quantized as its float32 rounding. On CPU the C++ kernel runs when it could be
-    built (see cpu_kernels.py); elsewhere the torch implementation, same bits.
+    quantized as its float32 rounding. The implementation is `backend.for_device`'s
+    choice (C++ on CPU, Triton on CUDA, torch elsewhere): same bits everywhere.
     """
     if not x.is_floating_point():
         raise TypeError(f"HiF4 quantizes floating-point tensors, got {x.dtype}")
@@ -268,11 +276,16 @@ def quantize_dequantize(x: Tensor, dim: int = -1) -> Tensor:
         return quantize_dequantize(x.reshape(1)).reshape(())
     if x.numel() == 0:
         return x.clone()
+    impl = backend.for_device(x.device)
+    if impl == "triton" and x.dtype != torch.float64:  # one fused pass over the rows, no grouping copy
+        from . import triton_kernels
+        moved = x.movedim(dim, -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        return triton_kernels.quantize_rows(rows).view(moved.shape).movedim(-1, dim).contiguous()
     groups, moved_shape, dim = to_groups(x, dim)
     out = torch.empty(groups.shape, dtype=x.dtype, device=x.device)
-    kernels = cpu_kernels.load() if x.device.type == "cpu" else None
-    if kernels is not None:
-        kernels.quantize_dequantize_groups(groups.contiguous(), out)
+    if impl == "cpp":
+        cpu_kernels.load().quantize_dequantize_groups(groups.contiguous(), out)
     else:
         quantize_groups_torch(groups, out)
     return from_groups(out, moved_shape, dim)

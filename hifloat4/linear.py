@@ -2,7 +2,10 @@
 
 The two `prepare_*` functions are the whole numerical contract; the ComfyUI
 nodes call them too, so plain PyTorch and ComfyUI compute the same bits.
-Everything is computed in float32 and handed back in the caller's dtype.
+Smoothing and rotation are computed in float32 and the HiF4 values handed back
+in the caller's dtype; the matmul runs in the activation's dtype (HiF4 values
+are exact in bf16, and fp16 saturates at 65504). On CUDA, without a rotation,
+each `prepare_*` is one fused Triton pass (backend.py), with the same bits.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .format import quantize_dequantize
+from . import backend
+from .format import quantize_dequantize, saturate_
 from .rotation import Rotation, rotate
 
 CHUNK_ELEMENTS = 1 << 22  # activation values upcast to float32 at a time (16 MiB)
@@ -27,49 +31,63 @@ class LayerQuant:
     rotation: Rotation | None = None
 
 
-def _saturating_cast(q: Tensor, dtype: torch.dtype) -> Tensor:
-    """float32 HiF4 values -> dtype; fp16 saturates (HiF4 reaches 344064, fp16 65504)."""
-    if dtype == torch.float16:
-        limit = torch.finfo(dtype).max
-        q = q.clamp_(-limit, limit)
-    return q.to(dtype)
+def _smooth_quantize_rows(rows: Tensor, mask: Tensor, rotation: Rotation | None, divide: bool,
+                          scale: Tensor | None, out: Tensor) -> None:
+    """out = Q(rot(float32(rows) [* scale] [/ or *] m)), written in out.dtype (fp16 saturating).
+
+    Every caller goes through here: one definition of the transform, on every backend.
+    Without a rotation Triton fuses it into one pass over `rows`; otherwise the rows
+    are upcast a chunk at a time so only a slice is ever in float32.
+    """
+    if rotation is None and backend.for_device(rows.device) == "triton":
+        from . import triton_kernels
+        triton_kernels.quantize_rows(rows, mask, divide=divide, scale=scale, out=out)
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        v = rows[i : i + step].float()
+        if scale is not None:
+            v = v * scale
+        v = v / mask if divide else v * mask
+        if rotation is not None:
+            v = rotate(v, rotation)
+        out[i : i + step] = saturate_(quantize_dequantize(v, dim=-1), out.dtype)
 
 
-def _smooth_and_quantize(v: Tensor, mask: Tensor, rotation: Rotation | None, divide: bool) -> Tensor:
-    v = v.float()
-    v = v / mask if divide else v * mask
-    if rotation is not None:
-        v = rotate(v, rotation)
-    return quantize_dequantize(v, dim=-1)
+def prepare_weight(weight: Tensor, mask: Tensor, rotation: Rotation | None = None, *,
+                   scale: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Q(rot(W * scale / m)) in `dtype` (exact in bf16/fp32; fp16 saturates).
 
-
-def prepare_weight(weight: Tensor, mask: Tensor, rotation: Rotation | None = None) -> Tensor:
-    """Q(rot(W / m)) in float32, rows chunked so only a slice is upcast at a time."""
+    `scale` is an fp8 checkpoint's per-tensor `scale_weight` (a 1-element tensor on
+    the weight's device): the fp8 weight is dequantized inside the same pass.
+    """
     mask = mask.to(weight.device, torch.float32)
-    out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    for i in range(0, weight.shape[0], rows):
-        out[i : i + rows] = _smooth_and_quantize(weight[i : i + rows], mask, rotation, divide=True)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    _smooth_quantize_rows(weight, mask, rotation, True, scale, out)
     return out
 
 
 def prepare_activation(x: Tensor, mask: Tensor, rotation: Rotation | None = None) -> Tensor:
-    """Q(rot(x * m)) in x.dtype, computed in float32 a token chunk at a time."""
+    """Q(rot(x * m)) in x.dtype (fp16 saturating)."""
     mask = mask.to(x.device, torch.float32)
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(flat)
-    rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
-    for i in range(0, flat.shape[0], rows):
-        q = _smooth_and_quantize(flat[i : i + rows], mask, rotation, divide=False)
-        out[i : i + rows] = _saturating_cast(q, x.dtype)
+    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
+    _smooth_quantize_rows(flat, mask, rotation, False, None, out)
     return out.view(x.shape)
 
 
 def w4a4_linear(x: Tensor, weight_q: Tensor, bias: Tensor | None, quant: LayerQuant) -> Tensor:
-    """The quantized forward given an already prepared weight; float32 math, x.dtype out."""
-    xq = prepare_activation(x, quant.mask, quant.rotation).float()
-    b = None if bias is None else bias.float()
-    return F.linear(xq, weight_q.float(), b).to(x.dtype)
+    """The quantized forward given an already prepared weight, computed in x.dtype.
+
+    HiF4 values are exact in bf16 and fp32, so only the matmul's own accumulation
+    differs from float32 math; a float32 matmul would cost ~15x on a GPU's tensor cores.
+    """
+    xq = prepare_activation(x, quant.mask, quant.rotation)
+    w = weight_q
+    if w.dtype != x.dtype:  # a copy: the caller's weight is never clamped in place
+        w = saturate_(w.to(torch.float32, copy=True), x.dtype).to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    return F.linear(xq, w, b)
 
 
 class HiF4Linear(nn.Module):
@@ -84,15 +102,21 @@ class HiF4Linear(nn.Module):
         if quant.mask.shape != (linear.in_features,):
             raise ValueError(f"mask has shape {tuple(quant.mask.shape)}, layer has {linear.in_features} inputs")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.quant = quant
-        self.register_buffer("weight_q", prepare_weight(linear.weight.detach(), quant.mask, quant.rotation).bfloat16())
+        self.rotation = quant.rotation
+        self.register_buffer("weight_q", prepare_weight(linear.weight.detach(), quant.mask, quant.rotation,
+                                                        dtype=torch.bfloat16))
+        self.register_buffer("mask", quant.mask.detach().to(torch.float32))  # moves with the model
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @property
+    def quant(self) -> LayerQuant:
+        return LayerQuant(self.mask, self.rotation)
 
     def forward(self, x: Tensor) -> Tensor:
         return w4a4_linear(x, self.weight_q, self.bias, self.quant)
 
     def extra_repr(self) -> str:
-        rot = "none" if self.quant.rotation is None else f"hadamard{self.quant.rotation.block}"
+        rot = "none" if self.rotation is None else f"hadamard{self.rotation.block}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rotation={rot}"
 
 

@@ -11,6 +11,7 @@ dim=-1 is data (N, ceil(K/64), 36), so rows can be expanded a slice at a time.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import cpu_kernels
-from .format import GROUP_SIZE, chunks, decode_groups, encode_groups, from_groups, to_groups
+from . import backend, cpu_kernels
+from .format import GROUP_SIZE, chunks, encode_groups, from_groups, saturate_, to_groups
 
 BYTES_PER_GROUP = 36
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,12 +74,6 @@ def _bits_to_bytes(bits: Tensor) -> Tensor:
     return (bits.to(torch.uint8).view(bits.shape[0], -1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
-def _bytes_to_bits(data: Tensor) -> Tensor:
-    """(n, k) uint8 -> (n, 8k) 0/1 float32, the inverse of `_bits_to_bytes`."""
-    bits = (data.unsqueeze(-1) & _BIT_WEIGHTS.to(data.device)) != 0
-    return bits.flatten(1).float()
-
-
 def _encode_scale(scale: Tensor) -> Tensor:
     """E6M2 scale (n, 1) float32 -> (n, 1) uint8."""
     frac, exp = torch.frexp(scale)  # scale = frac * 2^exp, frac in [0.5, 1)
@@ -86,37 +81,59 @@ def _encode_scale(scale: Tensor) -> Tensor:
     return ((exp - 1 + 48).to(torch.uint8) << 2) | mantissa
 
 
-def _decode_scale(byte: Tensor) -> Tensor:
-    """(n, 1) uint8 -> E6M2 scale (n, 1) float32."""
-    exp = (byte >> 2).to(torch.int32) - 48
-    return torch.ldexp(1.0 + (byte & 3).float() * 0.25, exp)
-
-
 def pack_groups_torch(groups: Tensor, data: Tensor) -> bool:
-    """The torch implementation: (n, 64) groups -> (n, 36) bytes; False if NaN/Inf."""
-    for sl in chunks(groups.shape[0]):
+    """The torch implementation: (n, 64) groups -> (n, 36) bytes; False if NaN/Inf.
+
+    One host sync, at the end (the answer is a Python bool): packing refuses
+    NaN/Inf, so it cannot be sync-free; it is an export step, not a forward.
+    """
+    nonfinite = torch.zeros((), dtype=torch.bool, device=groups.device)
+    for sl in chunks(groups.shape[0], groups.device):
         enc = encode_groups(groups[sl])
-        if enc.nonfinite is not None:
-            return False
+        nonfinite |= enc.nonfinite.any()
         codes = enc.codes.to(torch.uint8) | (torch.signbit(enc.signed).to(torch.uint8) << 3)
         data[sl, :32] = codes[:, 0::2] | (codes[:, 1::2] << 4)
         data[sl, 32:33] = _encode_scale(enc.scale)
         data[sl, 33:34] = _bits_to_bytes(enc.b8[:, 0::2])
         data[sl, 34:36] = _bits_to_bytes(enc.b16)
-    return True
+    return not bool(nonfinite)
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(quarter_scale[256], signed_code[16], bit_weights[8]) on `device`, cached.
+
+    quarter_scale[b] = S / 4 for the E6M2 scale byte b (exact in float32: S/4 is in
+    [2^-50, 1.75 * 2^13]); signed_code[c] = +-(c & 7) with the sign bit c >> 3
+    (code 8 is -0.0, as the encoder writes a negative value that rounds to 0).
+    """
+    b = torch.arange(256, dtype=torch.int64)
+    quarter = torch.ldexp(1.0 + (b & 3).double() * 0.25, (b >> 2) - 48 - 2).float()
+    c = torch.arange(16)
+    signed = torch.where(c >= 8, -(c & 7).double(), (c & 7).double()).float()
+    signed[8] = -0.0
+    bits = 1 << torch.arange(8, dtype=torch.int32)
+    return quarter.to(device), signed.to(device), bits.to(device)
 
 
 def unpack_groups_torch(data: Tensor, out: Tensor) -> None:
-    """The torch implementation: (n, 36) bytes -> (n, 64) values in out.dtype."""
-    for sl in chunks(data.shape[0]):
+    """The torch implementation: (n, 36) bytes -> out (n, 64) in out.dtype, sync-free.
+
+    Per value: sign/code from its nibble, times S/4 * 2^(b8 + b16) of its 4-value
+    block, by table lookups. Every product is exact in float32; the one rounding is
+    the store to out.dtype (fp16 saturates first).
+    """
+    quarter, signed, bits = _decode_tables(data.device)
+    for sl in chunks(data.shape[0], data.device):
         d = data[sl]
-        codes = torch.stack((d[:, :32] & 15, d[:, :32] >> 4), dim=-1).flatten(1)
-        magnitude = (codes & 7).float()
-        signs = 0.5 - (codes >> 3).float()  # +0.5 or -0.5: only the sign bit matters
-        b8 = _bytes_to_bits(d[:, 33:34]).repeat_interleave(2, dim=1)
-        b16 = _bytes_to_bits(d[:, 34:36])
-        step = (_decode_scale(d[:, 32:33]) * 0.25) * (b8 + 1.0) * (b16 + 1.0)
-        decode_groups(magnitude, step, signs, out[sl])
+        n = d.shape[0]
+        nib = torch.stack((d[:, :32] & 15, d[:, :32] >> 4), dim=-1).view(n, 64).long()
+        b8 = (d[:, 33:34].int() & bits) != 0  # (n, 8): level-1 bit per 8 values
+        b16 = (d[:, 34:36].int().unsqueeze(-1) & bits).ne(0).view(n, 16)  # (n, 16): per 4 values
+        level = b8.repeat_interleave(2, dim=1).int() + b16.int()  # 0, 1 or 2
+        step = quarter[d[:, 32].long()].unsqueeze(1) * torch.ldexp(torch.ones_like(level, dtype=torch.float32), level)
+        q = signed[nib].view(n, 16, 4).mul_(step.unsqueeze(-1)).view(n, 64)
+        out[sl].copy_(saturate_(q, out.dtype))
 
 
 @torch.no_grad()
@@ -129,22 +146,32 @@ def pack(x: Tensor, dim: int = -1) -> PackedHiF4:
         raise TypeError(f"pack needs a floating-point tensor with at least one axis, got {x.dtype} {tuple(x.shape)}")
     groups, moved_shape, dim = to_groups(x, dim)
     data = torch.empty(groups.shape[0], BYTES_PER_GROUP, dtype=torch.uint8, device=x.device)
-    kernels = cpu_kernels.load() if x.device.type == "cpu" else None
-    ok = kernels.pack_groups(groups.contiguous(), data) if kernels is not None else pack_groups_torch(groups, data)
+    if backend.for_device(x.device) == "cpp":
+        ok = cpu_kernels.load().pack_groups(groups.contiguous(), data)
+    else:  # Triton has no encoder: packing is an export step, the torch path does it
+        ok = pack_groups_torch(groups, data)
     if not ok:
         raise ValueError("pack: the tensor holds NaN or Inf, which HiF4 codes cannot represent")
     n_groups = math.ceil(moved_shape[-1] / GROUP_SIZE)
     return PackedHiF4(data.view(*moved_shape[:-1], n_groups, BYTES_PER_GROUP), tuple(x.shape), dim, x.dtype)
 
 
+def unpack_groups_into(data: Tensor, out: Tensor) -> None:
+    """(n, 36) packed groups -> out (n, 64), by `backend.for_device`'s implementation."""
+    impl = backend.for_device(data.device)
+    if impl == "cpp":
+        cpu_kernels.load().unpack_groups(data.contiguous(), out)
+    elif impl == "triton":
+        from . import triton_kernels
+        triton_kernels.decode_groups(data.contiguous(), out)
+    else:
+        unpack_groups_torch(data, out)
+
+
 def unpack_groups(data: Tensor, dtype: torch.dtype) -> Tensor:
     """(n, 36) packed groups -> (n, 64) dequantized values in `dtype`."""
     out = torch.empty(data.shape[0], GROUP_SIZE, dtype=dtype, device=data.device)
-    kernels = cpu_kernels.load() if data.device.type == "cpu" else None
-    if kernels is not None:
-        kernels.unpack_groups(data.contiguous(), out)
-    else:
-        unpack_groups_torch(data, out)
+    unpack_groups_into(data, out)
     return out
 
 

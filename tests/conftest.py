@@ -1,16 +1,15 @@
-"""Shared fixtures: run the HiF4 kernels both ways (C++ CPU kernel and pure torch)."""
+"""Shared fixtures: run the HiF4 kernels on every CPU backend (C++ kernel and pure torch)."""
 from __future__ import annotations
 
 import pytest
 
-from hifloat4 import cpu_kernels
+from hifloat4 import backend, cpu_kernels
 
 
-@pytest.fixture(params=["cpu-kernel", "torch"])
+@pytest.fixture(params=["cpp", "torch"])
 def implementation(request, monkeypatch):
-    """Runs a test once with the C++ CPU kernels and once with the torch implementation."""
-    if request.param == "torch":
-        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    elif cpu_kernels.load() is None:
+    """Runs a test once per backend, forced through HIFLOAT4_BACKEND as a user would."""
+    if request.param == "cpp" and cpu_kernels.load() is None:
         pytest.skip("C++ CPU kernels could not be built here (see the warning); torch path still tested")
+    monkeypatch.setenv(backend.ENV, request.param)
     return request.param

@@ -1,0 +1,100 @@
+"""Which HiF4 implementation runs on a device: the one place that decides.
+
+Three implementations compute the same bits (tests compare them element for element):
+  cpp     the C++ kernel (csrc/hif4_cpu.cpp), CPU only, built on first use;
+  triton  fused Triton kernels (triton_kernels.py): CUDA (and ROCm, which torch also
+          calls "cuda"), or a CPU under Triton's interpreter (TRITON_INTERPRET=1, tests);
+  torch   plain tensor ops on any device (MPS, meta, or where the others are missing).
+
+`HIFLOAT4_BACKEND=auto|cpp|triton|torch` (default auto) forces one. Auto picks cpp on
+a CPU and triton on CUDA, and falls back to torch with one warning when those cannot
+run; a forced backend that cannot run on a tensor's device raises BackendError
+instead of quietly computing something slower.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from . import cpu_kernels
+
+ENV = "HIFLOAT4_BACKEND"
+CHOICES = ("auto", "cpp", "triton", "torch")
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run here, or HIFLOAT4_BACKEND names no backend."""
+
+
+def requested() -> str:
+    """The backend asked for in the environment ("auto" when unset)."""
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise BackendError(f"{ENV}={choice!r} is not one of {', '.join(CHOICES)}")
+    return choice
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs its CPU interpreter (kernels then take CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> str | None:
+    """Why Triton cannot be imported (None when it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        from . import triton_kernels  # noqa: F401  (compiles nothing until first launch)
+    except Exception as e:  # a broken install: say what broke
+        return f"importing the Triton kernels failed ({type(e).__name__}: {e})"
+    return None
+
+
+def _why_not(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device` (None when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ kernel runs on CPU tensors only, this tensor is on {device.type}"
+        return None if cpu_kernels.load() is not None else "the C++ kernel could not be built (see the warning)"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return _triton_missing()
+    return f"Triton runs on CUDA devices (or on CPU with TRITON_INTERPRET=1), this tensor is on {device.type}"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(device_type: str, wanted: str, reason: str) -> None:
+    warnings.warn(f"hifloat4: {wanted} backend unavailable on {device_type} ({reason}); "
+                  "using the torch implementation (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
+def available(device: torch.device | str) -> list[str]:
+    """Every backend that can run on `device`, in preference order (for checks and benchmarks)."""
+    device = torch.device(device)
+    return [b for b in ("cpp", "triton", "torch") if _why_not(b, device) is None]
+
+
+def for_device(device: torch.device | str) -> str:
+    """The backend that runs HiF4 on `device`: "cpp", "triton" or "torch"."""
+    device = torch.device(device)
+    choice = requested()
+    if choice != "auto":
+        reason = _why_not(choice, device)
+        if reason is not None:
+            raise BackendError(f"{ENV}={choice} cannot run here: {reason}")
+        return choice
+    preferred = {"cpu": "cpp", "cuda": "triton"}.get(device.type)
+    if preferred is None:
+        return "torch"
+    reason = _why_not(preferred, device)
+    if reason is None:
+        return preferred
+    if preferred == "triton":  # the C++ loader warns for itself
+        _warn_fallback(device.type, preferred, reason)
+    return "torch"

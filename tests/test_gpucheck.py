@@ -1,0 +1,46 @@
+"""`python -m hifloat4 gpucheck` works on CPU (small sizes, CPU backends) before any GPU is lent."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hifloat4 import format as hformat
+from hifloat4 import gpucheck
+
+
+def run_check(capsys) -> tuple[int, dict]:
+    code = gpucheck.main(["--device", "cpu"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1
+    return code, json.loads(lines[0].removeprefix("RESULT "))
+
+
+
+
+def test_every_cpu_backend_is_exact_and_the_check_passes(capsys):
+    code, result = run_check(capsys)
+    assert code == 0 and result["ok"]
+    assert result["vectors"] != "missing"
+    assert set(result["exact"]) == set(result["backends"]) and "torch" in result["backends"]
+    assert all(v is True for v in result["exact"].values())
+
+
+def test_the_report_has_throughput_and_block_ratios(capsys):
+    _, result = run_check(capsys)
+    assert all(result["act_quant"][b]["copy_fraction"] > 0 for b in result["backends"])
+    assert set(result["block"]["variants"]) == {"bf16", "w4a4", "packed"}
+    assert result["block"]["w4a4_over_bf16"] > 0 and result["block"]["packed_over_bf16"] > 0
+
+
+def test_a_backend_computing_wrong_bits_fails_the_check(capsys, monkeypatch):
+    real = hformat.quantize_groups_torch
+
+    def off_by_one_ulp(groups, out):
+        real(groups, out)
+        out.view(-1)[:1] = out.view(-1)[:1].nextafter(out.new_full((1,), float("inf")))
+
+    monkeypatch.setattr(hformat, "quantize_groups_torch", off_by_one_ulp)
+    code, result = run_check(capsys)
+    assert code == 1 and not result["ok"]
+    assert isinstance(result["exact"]["torch"], list) and result["exact"]["torch"]
