@@ -78,7 +78,7 @@ def open_regular(path: str | os.PathLike, error: type[HiF4FileError]) -> Iterato
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"not a regular file: {path}")
+            raise error(f"cannot read {path}: not a regular file (a directory, FIFO or device)")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         f = os.fdopen(fd, "rb")
