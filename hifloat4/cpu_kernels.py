@@ -134,9 +134,10 @@ def load() -> ModuleType | None:
         import torch
         from torch.utils.cpp_extension import load as jit_load
 
-        # One build per torch installation: two venvs sharing torch's extension cache
-        # under one name would rebuild it in turn (and wait on each other's lock).
-        tag = hashlib.sha256(f"{torch.__file__}:{torch.__version__}".encode()).hexdigest()[:10]
+        # One build per torch installation and plugin copy: two venvs or two checkouts
+        # sharing torch's extension cache under one name would rebuild it in turn
+        # (ninja sees another source path) and wait on each other's lock.
+        tag = hashlib.sha256(f"{torch.__file__}:{torch.__version__}:{SOURCE}".encode()).hexdigest()[:10]
         name = f"hifloat4_cpu_v1_{tag}"
         return build(name, _build_directory(name), jit_load)
     except Exception as e:  # no compiler, no ninja, read-only cache dir, lock timeout...

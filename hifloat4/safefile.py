@@ -38,8 +38,9 @@ import numpy as np
 
 log = logging.getLogger("hifloat4")
 
-MAX_HEADER_BYTES = 16 * 2**20  # a Wan2.2-A14B header is ~0.2 MB; safetensors itself allows 100 MB
+MAX_HEADER_BYTES = 4 * 2**20  # a Wan2.2-A14B header is ~0.2 MB; parsing 4 MB of anything takes ~1 s
 MAX_JSON_DEPTH = 32  # our metadata nests 6 deep; free-form user fields get some room
+MAX_JSON_CONTAINERS = 100_000  # objects + arrays; an A14B header has ~4k (3 per tensor)
 MAX_INT = 2**63 - 1  # JSON integers must fit int64 (seeds, shapes, offsets)
 # safetensors dtype name -> bits per element (every dtype the format defines)
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
@@ -114,15 +115,15 @@ def file_sha256(path: str | os.PathLike, error: type[HiF4FileError]) -> str:
 
 # --------------------------------------------------------------------------- JSON
 
-def json_depth(raw: bytes) -> int:
-    """Deepest bracket nesting outside string literals; linear time and constant memory
-    per megabyte (numpy running sums), so it is safe on any input."""
+def json_shape(raw: bytes) -> tuple[int, int]:
+    """(deepest bracket nesting, number of objects and arrays) outside string literals;
+    linear time, memory bounded per megabyte (numpy running sums), safe on any input."""
     steps = np.frombuffer(_STRING_RE.sub(b'""', raw).translate(_DEPTH_STEPS, _NOT_BRACKETS), dtype=np.int8)
     deepest, level = 0, 0
     for i in range(0, len(steps), 1 << 20):
         run = np.cumsum(steps[i:i + (1 << 20)], dtype=np.int64) + level
         deepest, level = max(deepest, int(run.max())), int(run[-1])
-    return deepest
+    return deepest, int((steps == 1).sum())
 
 
 def _int(text: str) -> int:
@@ -151,14 +152,16 @@ def _object(pairs: list) -> dict:
 
 
 def loads_json(raw: str | bytes, error: type[HiF4FileError], what: str, max_bytes: int = MAX_HEADER_BYTES):
-    """json.loads for untrusted text: size and depth bounded, ints int64, floats
+    """json.loads for untrusted text: size, depth and container count bounded, ints int64, floats
     finite, no NaN/Infinity, no duplicate keys. Problems raise `error`('<what>: <reason>')."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(data) > max_bytes:
         raise error(f"{what}: {len(data)} bytes, more than the {max_bytes}-byte limit")
-    depth = json_depth(data)
+    depth, containers = json_shape(data)
     if depth > MAX_JSON_DEPTH:
         raise error(f"{what}: nested {depth} levels deep, more than {MAX_JSON_DEPTH}")
+    if containers > MAX_JSON_CONTAINERS:
+        raise error(f"{what}: {containers} objects and arrays, more than {MAX_JSON_CONTAINERS}")
     try:
         return json.loads(data.decode("utf-8"), parse_int=_int, parse_float=_float, parse_constant=_constant,
                           object_pairs_hook=_object)

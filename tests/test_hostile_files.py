@@ -275,6 +275,23 @@ def test_a_tensor_table_that_does_not_describe_the_data_is_refused(files, tmp_pa
     assert_refused_everywhere(files, tmp_path, _raw(tmp_path / "table.safetensors", b'{"x":' + entry + b"}", b"\0" * 8))
 
 
+_FILL = {  # headers of the largest allowed size made of one thing, the slowest cases for the parser
+    "integers": lambda n: b"[" + b"1," * (n // 2 - 1) + b"1]",
+    "empty lists": lambda n: b"[" + b"[]," * (n // 3 - 1) + b"1]",
+    "keys": lambda n: b"{" + b",".join(b'"%d":0' % i for i in range(n // 12)) + b"}",
+    "strings": lambda n: b"[" + b'"ab\\"cd",' * (n // 10 - 1) + b"1]",
+}
+
+
+@pytest.mark.parametrize("kind", list(_FILL))
+def test_a_header_of_the_maximum_size_is_parsed_or_refused_in_bounded_time(files, tmp_path, kind):
+    header = _FILL[kind](safefile.MAX_HEADER_BYTES - 16)
+    path = _raw(tmp_path / "big_header.safetensors", header)
+    with deadline():
+        with pytest.raises(HiF4FileError):
+            hstate.load_state(path)
+
+
 # --------------------------------------------------------------------------- listings
 
 def test_a_listing_skips_bad_files_and_logs_each_once(files, tmp_path, caplog):
