@@ -19,10 +19,13 @@ settings and checksum.
 
 Writing streams one tensor at a time (the header is planned from shapes first), so a
 28 GB expert is never in memory: peak is about one main layer in float32. The file
-is written to a temporary name in the target directory, fsynced and renamed.
+is written to a temporary name in the target directory, fsynced and renamed; progress
+and cancel hooks let a UI show a bar and stop it (nothing is left behind).
 Loading (`load_hif4_checkpoint`) never unpickles: safetensors only, and everything is
-validated first (marker, version, metadata types, key set, dtypes, shapes against the
-per-layer metadata, a complete Wan layer structure, finite positive masks).
+validated first (hifloat4.safefile's header checks, marker, version, metadata types
+and ranges, the exact key set and shapes of a Wan transformer of the file's
+dimensions, dtypes, shapes against the per-layer metadata, finite positive masks).
+The exporter runs the same header check on what it plans to write before writing.
 """
 from __future__ import annotations
 
