@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -15,7 +16,7 @@ import tracemalloc
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -421,3 +422,29 @@ def test_a_state_with_any_byte_changed_is_loaded_or_refused(files, tmp_path_fact
             hstate.load_state(path)
         except hstate.PTQStateError:
             pass
+
+
+@FUZZ
+@given(dtype=st.sampled_from(["F32", "F16", "U8", "BOOL", "F4", "X9"]),
+       shape=st.lists(st.integers(0, 4) | st.integers(-2, 2**70), max_size=3),
+       begin=st.just(0) | st.integers(-2, 2**70), size=st.none() | st.integers(-2, 64),
+       extra=st.just(0) | st.integers(-2, 8))
+def test_a_tensor_table_is_accepted_only_when_safetensors_reads_it_too(tmp_path_factory, dtype, shape, begin, size,
+                                                                      extra):
+    """size None: the span the dtype and shape need; extra: data bytes beyond the span."""
+    bits = safefile.DTYPE_BITS.get(dtype, 32)
+    if size is None:
+        size = min(math.prod(shape) * bits // 8, 2**40) if all(s >= 0 for s in shape) else 0
+    entry = {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + size]}
+    data = max(0, min(begin + size + extra, 4096))
+    path = _raw(tmp_path_factory.mktemp("fuzz") / "t.safetensors", json.dumps({"x": entry}).encode(), b"\0" * data)
+    with deadline():
+        try:
+            header = safefile.read_header(path, HiF4FileError)
+        except HiF4FileError:
+            return
+    event("accepted")
+    assert header["x"] == entry
+    if dtype != "F4":  # torch has no 4-bit dtype to read it into
+        with safe_open(path, "pt") as f:
+            assert list(f.get_tensor("x").shape) == shape
