@@ -87,6 +87,15 @@ def _clear_torch_lock(build_dir: str, deadline: float, stale_s: float) -> None:
         time.sleep(POLL_S)
 
 
+def _notice(message: str) -> None:
+    """One line a person sees: the log where logging shows INFO (ComfyUI, the export
+    CLI), else stderr (a script without logging set up would drop it)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def _needs_build(build_dir: str, name: str) -> bool:
     """Whether ninja is about to compile: no library yet, an older one, or one built
     from a source at another path (only for the one-line notice; ninja decides)."""
@@ -110,8 +119,7 @@ def build(name: str, build_dir: str, jit_load: Callable[..., ModuleType], *,
     with _file_lock(os.path.join(build_dir, OUR_LOCK), wait_s):
         _clear_torch_lock(build_dir, deadline, stale_s)
         if _needs_build(build_dir, name):
-            log.info("hifloat4: building the C++ CPU kernel in %s (first use: about a minute on 2 cores)",
-                     build_dir)
+            _notice(f"hifloat4: building the C++ CPU kernel in {build_dir} (first use: about a minute on 2 cores)")
         return jit_load(name=name, sources=[str(SOURCE)], build_directory=build_dir,
                         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 

@@ -154,3 +154,9 @@ def test_one_log_line_says_when_a_build_starts_and_none_when_the_build_is_cached
     caplog.clear()
     cpu_kernels.build("k", str(tmp_path), _torch_like_jit([]), wait_s=5, stale_s=60)
     assert not any("building" in r.getMessage() for r in caplog.records)
+
+
+def test_the_build_notice_reaches_stderr_where_logging_would_drop_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cpu_kernels.log, "level", logging.WARNING)
+    cpu_kernels.build("k", str(tmp_path), _torch_like_jit([]), wait_s=5, stale_s=60)
+    assert "building the C++ CPU kernel" in capsys.readouterr().err
