@@ -247,3 +247,13 @@ def test_cancel_during_save_leaves_no_file(comfy, mods, files, load_unet, diffus
     finally:
         mm.interrupt_current_processing(False)
     assert list(diffusion_dir.rglob("*")) == []
+
+
+def test_loader_list_skips_a_fifo_and_a_hostile_header(comfy, mods, files, diffusion_dir):
+    os.symlink(files["packed"], diffusion_dir / "mine.safetensors")
+    os.mkfifo(diffusion_dir / "pipe.safetensors")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (diffusion_dir / "deep.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    node = mods["packed"].HiF4LoadDiffusionModel
+    assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["mine.safetensors"]
+    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS("pipe.safetensors")
