@@ -6,16 +6,133 @@ C++ pass per group is ~10x faster. Building needs a C++ compiler and ninja; wher
 either is missing the torch implementation (same bits, tested against each
 other) is used and a warning says why. Built once per machine, then cached by
 torch (TORCH_EXTENSIONS_DIR).
+
+Locking. torch's JIT loader guards a build with a `lock` file in the build folder
+and waits forever while it exists, so a process killed mid-build used to hang every
+later load (and with it packing, export and the nodes). Here a build runs under our
+own lock, an OS file lock (flock) the kernel releases when its holder dies, waited
+on for at most LOCK_WAIT_S. Under that lock a torch `lock` file can only be a
+leftover of a killed build (or of a builder that does not take our lock, e.g. an
+older version of this plugin), so once it is STALE_LOCK_S old it is removed. Past
+the wait the torch implementation is used, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
+import os
+import sys
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("csrc") / "hif4_cpu.cpp"
+LOCK_WAIT_S = 300.0  # a build takes about a minute on 2 cores; waiting longer than this means trouble
+STALE_LOCK_S = 180.0  # a torch lock file this old, under our lock, was left by a killed build
+POLL_S = 0.2
+OUR_LOCK = "hifloat4.lock"
+TORCH_LOCK = "lock"  # torch.utils.file_baton.FileBaton's file in the build folder
+
+log = logging.getLogger("hifloat4")
+
+
+class LockTimeout(RuntimeError):
+    """The build lock could not be had in time; the torch implementation is used."""
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, wait_s: float) -> Iterator[None]:
+    """An exclusive flock on `path`, waited for at most `wait_s` (no-op where flock
+    does not exist: there only the stale-file handling below applies)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"another process has held {path} for over {wait_s:.0f} s") from None
+                time.sleep(POLL_S)
+        yield
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def _clear_torch_lock(build_dir: str, deadline: float, stale_s: float) -> None:
+    """Wait for torch's lock file to go; remove it once it is `stale_s` old."""
+    lock = os.path.join(build_dir, TORCH_LOCK)
+    while True:
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_s:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            log.warning("hifloat4: removed %s, %.0f s old, left by an interrupted kernel build", lock, age)
+            return
+        if time.monotonic() >= deadline:
+            raise LockTimeout(f"{lock} has existed for {age:.0f} s (a build in progress elsewhere?)")
+        time.sleep(POLL_S)
+
+
+def _notice(message: str) -> None:
+    """One line a person sees: the log where logging shows INFO (ComfyUI, the export
+    CLI), else stderr (a script without logging set up would drop it)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _needs_build(build_dir: str, name: str) -> bool:
+    """Whether ninja is about to compile: no library yet, an older one, or one built
+    from a source at another path (only for the one-line notice; ninja decides)."""
+    library = Path(build_dir) / (name + (".pyd" if sys.platform == "win32" else ".so"))
+    try:
+        return (library.stat().st_mtime < SOURCE.stat().st_mtime
+                or str(SOURCE) not in (Path(build_dir) / "build.ninja").read_text(errors="replace"))
+    except OSError:
+        return True
+
+
+def build(name: str, build_dir: str, jit_load: Callable[..., ModuleType], *,
+          wait_s: float | None = None, stale_s: float | None = None) -> ModuleType:
+    """jit_load(name=..., build_directory=build_dir, ...) of SOURCE under our lock,
+    after clearing a stale torch lock; raises LockTimeout after `wait_s`
+    (default LOCK_WAIT_S; `stale_s` default STALE_LOCK_S)."""
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    stale_s = STALE_LOCK_S if stale_s is None else stale_s
+    deadline = time.monotonic() + wait_s
+    os.makedirs(build_dir, exist_ok=True)
+    with _file_lock(os.path.join(build_dir, OUR_LOCK), wait_s):
+        _clear_torch_lock(build_dir, deadline, stale_s)
+        if _needs_build(build_dir, name):
+            _notice(f"hifloat4: building the C++ CPU kernel in {build_dir} (first use: about a minute on 2 cores)")
+        return jit_load(name=name, sources=[str(SOURCE)], build_directory=build_dir,
+                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _build_directory(name: str) -> str:
+    """Where torch would build `name` (so existing caches are reused)."""
+    from torch.utils import cpp_extension
+
+    get = getattr(cpp_extension, "_get_build_directory", None)
+    if get is not None:
+        return get(name, verbose=False)
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return os.path.join(root, name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,11 +142,13 @@ def load() -> ModuleType | None:
         import torch
         from torch.utils.cpp_extension import load as jit_load
 
-        # One build per torch installation: two venvs sharing torch's extension cache
-        # under one name would rebuild it in turn (and wait on each other's lock).
-        tag = hashlib.sha256(f"{torch.__file__}:{torch.__version__}".encode()).hexdigest()[:10]
-        return jit_load(name=f"hifloat4_cpu_v1_{tag}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no ninja, read-only cache dir...
+        # One build per torch installation and plugin copy: two venvs or two checkouts
+        # sharing torch's extension cache under one name would rebuild it in turn
+        # (ninja sees another source path) and wait on each other's lock.
+        tag = hashlib.sha256(f"{torch.__file__}:{torch.__version__}:{SOURCE}".encode()).hexdigest()[:10]
+        name = f"hifloat4_cpu_v1_{tag}"
+        return build(name, _build_directory(name), jit_load)
+    except Exception as e:  # no compiler, no ninja, read-only cache dir, lock timeout...
         warnings.warn(f"hifloat4: C++ CPU kernels unavailable ({type(e).__name__}: {e}); "
                       "using the torch implementation (same results, slower)", RuntimeWarning, stacklevel=2)
         return None

@@ -19,28 +19,32 @@ settings and checksum.
 
 Writing streams one tensor at a time (the header is planned from shapes first), so a
 28 GB expert is never in memory: peak is about one main layer in float32. The file
-is written to a temporary name in the target directory, fsynced and renamed.
+is written to a temporary name in the target directory, fsynced and renamed; progress
+and cancel hooks let a UI show a bar and stop it (nothing is left behind).
 Loading (`load_hif4_checkpoint`) never unpickles: safetensors only, and everything is
-validated first (marker, version, metadata types, key set, dtypes, shapes against the
-per-layer metadata, a complete Wan layer structure, finite positive masks).
+validated first (hifloat4.safefile's header checks, marker, version, metadata types
+and ranges, the exact key set and shapes of a Wan transformer of the file's
+dimensions, dtypes, shapes against the per-layer metadata, finite positive masks).
+The exporter runs the same header check on what it plans to write before writing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .safefile import atomic_file, few, read_header, reject_constant
+from .safefile import HiF4FileError, atomic_file, few, loads_json, read_header
 from . import state as hstate
 from . import wan as hwan
 from .format import GROUP_SIZE
@@ -66,6 +70,8 @@ FLOAT_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_BLOCKS = 1024  # Wan2.2 has 30 or 40; bounds the model a header can make the loader describe
+log = logging.getLogger("hifloat4")
 _META_TYPES = {
     "format": str, "format_version": int, "hif4_spec": str, "group_size": int, "bytes_per_group": int,
     "expert": str, "weight_dtype": str, "model": dict, "layers": dict, "source": dict, "ptq": dict,
@@ -73,7 +79,7 @@ _META_TYPES = {
 }
 
 
-class HiF4CheckpointError(ValueError):
+class HiF4CheckpointError(HiF4FileError):
     """Anything wrong with a packed HiF4 checkpoint or an export; the message names it."""
 
 
@@ -118,22 +124,22 @@ class SafetensorsSource(ModelSource):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
-        try:
-            self._file = safe_open(self.path, framework="pt")
-            keys = list(self._file.keys())
-            meta = self._file.metadata() or {}
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-            raise HiF4CheckpointError(f"cannot read {self.path} as safetensors: {e}") from None
-        if METADATA_KEY in meta:
+        header = read_header(self.path, HiF4CheckpointError)  # checked before safetensors maps the file
+        if METADATA_KEY in header.get("__metadata__", {}):
             raise HiF4CheckpointError(f"{self.name} is already a packed HiF4 checkpoint; export from the "
                                       "original (bf16/fp16/fp8) model file")
-        self.prefix = hwan.find_prefix(k[: -len(".weight")] for k in keys if k.endswith(".weight"))
+        try:
+            self._file = safe_open(self.path, framework="pt")
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+            raise HiF4CheckpointError(f"cannot read {self.path} as safetensors: {e}") from None
+        keys = [k for k in header if k != "__metadata__"]
+        try:
+            self.prefix = hwan.find_prefix(k[: -len(".weight")] for k in keys if k.endswith(".weight"))
+        except hwan.NotWanError as e:
+            raise HiF4CheckpointError(f"{self.name}: {e}") from None
         self.ignored = [k for k in keys if not k.startswith(self.prefix)]
-        self._raw: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for k in keys:
-            if k.startswith(self.prefix):
-                sl = self._file.get_slice(k)
-                self._raw[k[len(self.prefix):]] = (sl.get_dtype(), tuple(int(s) for s in sl.get_shape()))
+        self._raw: dict[str, tuple[str, tuple[int, ...]]] = {
+            k[len(self.prefix):]: (header[k]["dtype"], tuple(header[k]["shape"])) for k in keys if k.startswith(self.prefix)}
         self._scaled = {k[: -len(".scale_weight")] for k in self._raw if k.endswith(".scale_weight")}
         dropped = {"scaled_fp8"} | {k for k in self._raw if k.endswith((".scale_weight", ".scale_input"))}
         self._keys = [k for k in self._raw if k not in dropped]
@@ -215,40 +221,59 @@ class _Spec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     produce: Callable[[], Tensor]
+    work: int = 0  # values read to produce it (progress weight); 0: its own size
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
 
 
-def write_safetensors_streaming(path: str, specs: list[_Spec], metadata: Mapping[str, str],
-                                progress: Callable[[int, int], None] | None = None) -> int:
-    """Write a .safetensors file tensor by tensor (the header is planned from the
-    specs), atomically: temp file in the same directory, fsync, os.replace. Each
-    produced tensor must have its spec's dtype and shape. Returns the file size."""
-    if sys.byteorder != "little":
-        raise HiF4CheckpointError("safetensors files are little-endian; this machine is not")
+def _plan_header(specs: list[_Spec], metadata: Mapping[str, str]) -> dict:
+    """The safetensors header of `specs` written in order."""
     header: dict = {"__metadata__": dict(metadata)}
     offset = 0
     for s in specs:
         header[s.key] = {"dtype": ST_NAMES[s.dtype], "shape": list(s.shape),
                          "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
+    return header
+
+
+def write_safetensors_streaming(path: str, specs: list[_Spec], metadata: Mapping[str, str],
+                                progress: Callable[[int, int], None] | None = None,
+                                cancel: Callable[[], None] | None = None) -> int:
+    """Write a .safetensors file tensor by tensor (the header is planned from the
+    specs), atomically: temp file in the same directory, fsync, os.replace. Each
+    produced tensor must have its spec's dtype and shape. Returns the file size.
+
+    progress(done, total): called at the start and after each tensor, in units of
+    values read (packing dominates the time). cancel(): called before each tensor;
+    whatever it raises stops the write and leaves no file, temporary or final."""
+    if sys.byteorder != "little":
+        raise HiF4CheckpointError("safetensors files are little-endian; this machine is not")
+    header = _plan_header(specs, metadata)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    work = [s.work or math.prod(s.shape) for s in specs]
+    total, done = sum(work), 0
     with atomic_file(path) as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for i, s in enumerate(specs):
+        if progress is not None:
+            progress(0, total)
+        for s, w in zip(specs, work):
+            if cancel is not None:
+                cancel()
             t = s.produce()
             if t.dtype != s.dtype or tuple(t.shape) != s.shape:
                 raise HiF4CheckpointError(f"{s.key}: produced {t.dtype} {tuple(t.shape)}, planned "
                                           f"{s.dtype} {s.shape}")
             t = t.detach().to("cpu").contiguous().reshape(-1)
             f.write(t.view(torch.uint8).numpy().data)
+            done += w
             if progress is not None:
-                progress(i + 1, len(specs))
-    return 8 + len(raw) + offset
+                progress(done, total)
+    return 8 + len(raw) + sum(s.nbytes for s in specs)
 
 
 # --------------------------------------------------------------------------- export
@@ -288,18 +313,23 @@ def _ptq_summary(state: hstate.PTQState) -> dict:
 
 
 def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_path: str | os.PathLike,
-                  progress: Callable[[int, int], None] | None = None) -> ExportReport:
+                  progress: Callable[[int, int], None] | None = None,
+                  cancel: Callable[[], None] | None = None) -> ExportReport:
     """Pack one expert of `source` with the masks of `state` into `out_path`.
 
     `expert`: "auto" (fingerprint match) or a name in the state. Every main layer of
     the model must be in the state; boundary layers and all other tensors are carried
-    over unchanged.
+    over unchanged. `progress(done, total)` and `cancel()` as in
+    write_safetensors_streaming: a cancel (or Ctrl-C) leaves no file behind.
     """
     out_path = os.fspath(out_path)
     if not out_path.endswith(SUFFIX):
         raise HiF4CheckpointError(f"output {out_path!r} must end in {SUFFIX}")
     shapes = source.shapes()
-    variant = hwan.detect_variant(shapes)
+    try:
+        variant = hwan.detect_variant(shapes)
+    except hwan.NotWanError as e:
+        raise HiF4CheckpointError(f"{source.name}: {e}") from None
     linears = hwan.linear_shapes(shapes)
     main, _, _ = hwan.classify_layer_names(linears)
     clash = [k for k in shapes if k.endswith((PACKED_SUFFIX, MASK_SUFFIX))]
@@ -327,7 +357,8 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
             out_f, in_f = linears[n]
             mask, r = layers[n].mask, rotations[n]
             specs.append(_Spec(key, torch.uint8, (out_f, math.ceil(in_f / GROUP_SIZE), BYTES_PER_GROUP),
-                               lambda n=n, mask=mask, r=r: pack_weight(source.real_weight(n), mask, r).data))
+                               lambda n=n, mask=mask, r=r: pack_weight(source.real_weight(n), mask, r).data,
+                               work=out_f * in_f))
         elif key.endswith(MASK_SUFFIX):
             n = key[: -len(MASK_SUFFIX)]
             specs.append(_Spec(key, torch.float32, (linears[n][1],), lambda n=n: layers[n].mask.float()))
@@ -350,8 +381,9 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
         "tool_version": hstate.tool_version(),
     }
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
-    _check_metadata(json.loads(metadata[METADATA_KEY]))  # what a loader will check, before writing anything
-    size = write_safetensors_streaming(out_path, specs, metadata, progress)
+    _check_tensor_header(_plan_header(specs, metadata), _parse_metadata({"__metadata__": metadata}))
+    # ^ what a loader will check, before writing anything
+    size = write_safetensors_streaming(out_path, specs, metadata, progress, cancel)
     read_hif4_header(out_path)  # the written header parses and validates
     codes = sum(s.nbytes for s in specs if s.key.endswith(PACKED_SUFFIX))
     masks = sum(s.nbytes for s in specs if s.key.endswith(MASK_SUFFIX))
@@ -437,16 +469,18 @@ def _check_metadata(meta) -> None:
 
 
 def _check_layer_meta(name, info) -> None:
-    if not (isinstance(name, str) and hwan._MAIN_RE.fullmatch(name)):
-        raise HiF4CheckpointError(f"packed layer {name!r} is not a Wan main layer name")
+    match = hwan._MAIN_RE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise HiF4CheckpointError(f"packed layer {str(name)[:80]!r} is not a Wan main layer name")
+    if len(match.group(1)) > 4 or int(match.group(1)) >= MAX_BLOCKS:
+        raise HiF4CheckpointError(f"packed layer {name[:80]!r}: block index beyond {MAX_BLOCKS - 1}")
     if not (isinstance(info, dict) and set(info) == {"shape", "rotation"}):
         raise HiF4CheckpointError(f"layer {name!r}: metadata must have exactly shape and rotation")
     shape, rot = info["shape"], info["rotation"]
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and 0 < s < 2**31 for s in shape)):
         raise HiF4CheckpointError(f"layer {name!r}: shape must be [out, in] positive ints, got {shape!r}")
     if rot is not None:
-        if not (isinstance(rot, dict) and set(rot) == {"block", "seed"} and _is_int(rot["block"])
-                and _is_int(rot["seed"])):
+        if not (isinstance(rot, dict) and set(rot) == {"block", "seed"}):
             raise HiF4CheckpointError(f"layer {name!r}: rotation must be null or {{block, seed}}, got {rot!r}")
         try:
             Rotation(block=rot["block"], seed=rot["seed"]).check(shape[1])
@@ -501,7 +535,38 @@ def _check_tensor_header(header: dict, meta: dict) -> dict[str, tuple[str, tuple
     for k in ("dim", "ffn_dim", "layers", "in_dim", "out_dim"):
         if model.get(k) != getattr(variant, k):
             raise HiF4CheckpointError(f"metadata says {k} = {model.get(k)!r}, the tensors give {getattr(variant, k)}")
+    reference = _reference_shapes(shapes, variant)
+    if set(reference) != set(shapes):
+        raise HiF4CheckpointError(f"not the key set of a Wan transformer of these dimensions: unexpected "
+                                  f"{few(set(shapes) - set(reference)) or 'none'}; missing "
+                                  f"{few(set(reference) - set(shapes)) or 'none'}")
+    wrong = [k for k in reference if reference[k] != shapes[k]]
+    if wrong:
+        raise HiF4CheckpointError(f"tensor {wrong[0]!r} has shape {list(shapes[wrong[0]])}, a Wan transformer of "
+                                  f"these dimensions has {list(reference[wrong[0]])}")
     return entries
+
+
+def _reference_shapes(shapes: Mapping[str, tuple[int, ...]], variant: hwan.WanVariant) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Wan transformer with these dimensions and its shape: ComfyUI's
+    WanModel layout as hifloat4.tiny_wan builds it, on the meta device (nothing
+    allocated). This is what makes the key set exact: no stray tensor rides along."""
+    from .tiny_wan import TinyWan, WanConfig  # lazy: only loaders need it
+
+    if variant.layers > MAX_BLOCKS:
+        raise HiF4CheckpointError(f"{variant.layers} blocks, more than {MAX_BLOCKS}")
+    img = shapes.get("img_emb.proj.0.weight")
+    try:
+        cfg = WanConfig(in_dim=variant.in_dim, out_dim=variant.out_dim, dim=variant.dim, ffn_dim=variant.ffn_dim,
+                        num_layers=variant.layers, num_heads=1, text_dim=variant.text_dim,
+                        freq_dim=shapes["time_embedding.0.weight"][1],
+                        patch_size=tuple(shapes["patch_embedding.weight"][2:]),
+                        img_dim=None if img is None or len(img) != 1 else img[0])
+        with torch.device("meta"):
+            model = TinyWan(cfg)
+    except (ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise HiF4CheckpointError(f"not a Wan transformer layout: {e}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _parse_metadata(header: dict) -> dict:
@@ -510,10 +575,9 @@ def _parse_metadata(header: dict) -> dict:
         raise HiF4CheckpointError(f"not a HiF4 packed checkpoint: metadata key {METADATA_KEY!r} (the format "
                                   "marker) is missing; export one with 'python -m hifloat4 export' or the "
                                   "'Save HiF4 Model' node")
-    try:
-        meta = json.loads(metadata[METADATA_KEY], parse_constant=reject_constant)
-    except (TypeError, ValueError) as e:
-        raise HiF4CheckpointError(f"bad HiF4 metadata JSON: {e}") from None
+    if set(metadata) != {METADATA_KEY}:
+        raise HiF4CheckpointError(f"unknown safetensors metadata keys: {few(set(metadata) - {METADATA_KEY})}")
+    meta = loads_json(metadata[METADATA_KEY], HiF4CheckpointError, "bad HiF4 metadata JSON")
     _check_metadata(meta)
     return meta
 
@@ -526,13 +590,48 @@ def read_hif4_header(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _marker(path: str | os.PathLike) -> bool:
+    metadata = read_header(path, HiF4CheckpointError).get("__metadata__", {})
+    return FORMAT_NAME in metadata.get(METADATA_KEY, "")
+
+
 def is_hif4_checkpoint(path: str | os.PathLike) -> bool:
     """Whether the file's safetensors header carries the HiF4 marker (header only; cheap)."""
     try:
-        metadata = read_header(path, HiF4CheckpointError).get("__metadata__")
-        return isinstance(metadata, dict) and FORMAT_NAME in str(metadata.get(METADATA_KEY, ""))
+        return _marker(path)
     except HiF4CheckpointError:
         return False
+
+
+_MARKERS: dict[str, tuple[tuple[int, int], bool]] = {}
+
+
+def has_hif4_marker(path: str | os.PathLike) -> bool:
+    """is_hif4_checkpoint for folder listings: cached by (mtime, size), and a file
+    that cannot be read (a FIFO, a broken header) is skipped with one log line per
+    version of the file instead of failing the listing."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _MARKERS.get(path)
+    if hit is None or hit[0] != key:
+        try:
+            found = _marker(path)
+        except HiF4CheckpointError as e:
+            log.warning("hifloat4: skipping %s in the model list: %s", path, e)
+            found = False
+        hit = _MARKERS[path] = (key, found)
+    return hit[1]
+
+
+def hif4_checkpoint_names(named_paths: Iterable[tuple[str, str | None]]) -> list[str]:
+    """The names (of (name, full path) pairs, e.g. a ComfyUI folder listing) whose
+    files are packed HiF4 checkpoints; bad files are skipped (has_hif4_marker)."""
+    return [name for name, path in named_paths
+            if path and name.lower().endswith(SUFFIX) and has_hif4_marker(path)]
 
 
 def load_hif4_checkpoint(path: str | os.PathLike) -> HiF4Checkpoint:
@@ -624,13 +723,20 @@ def install_checkpoint_(model: nn.Module, ckpt: HiF4Checkpoint) -> nn.Module:
 # --------------------------------------------------------------------------- CLI
 
 def _progress_printer(every_s: float = 5.0) -> Callable[[int, int], None]:
-    last = [time.monotonic()]
+    """progress(done, total) for the CLI: a line on stderr at the start, then at most
+    every `every_s` seconds with the percentage and an estimate of the time left."""
+    start = time.monotonic()
+    last = [-math.inf]
 
     def show(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= every_s and done < total:
+        if done == 0:
+            print("  writing (Ctrl-C cancels and leaves no file) ...", file=sys.stderr, flush=True)
+        elif now - last[0] >= every_s or done >= total:
             last[0] = now
-            print(f"  ... {done}/{total} tensors written", file=sys.stderr, flush=True)
+            left = (now - start) * (total - done) / done
+            print(f"  {100.0 * done / max(total, 1):5.1f}% after {now - start:.0f} s, about {left:.0f} s left",
+                  file=sys.stderr, flush=True)
     return show
 
 
@@ -646,15 +752,20 @@ def main(argv: list[str] | None = None) -> int:
                         "high_noise, low_noise, single")
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
     a = p.parse_args(argv)
+    if not logging.getLogger().handlers:  # the kernel-build notice and other one-line notes
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if os.path.exists(a.out) and os.path.exists(a.model) and os.path.samefile(a.out, a.model):
             raise HiF4CheckpointError("--out is the --model file; write the checkpoint elsewhere")
         state = hstate.load_state(a.state)
         t0 = time.perf_counter()
         report = export_expert(SafetensorsSource(a.model), state, a.expert, a.out, progress=_progress_printer())
-    except (HiF4CheckpointError, hstate.PTQStateError, hwan.NotWanError, OSError) as e:
+    except (HiF4FileError, hwan.NotWanError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"cancelled: nothing written to {a.out}", file=sys.stderr)
+        return 130
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(report.summary())

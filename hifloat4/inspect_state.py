@@ -3,7 +3,8 @@ is in it (metadata, experts, layers, channels, file size, checksum).
 
 Validation is `hifloat4.state.load_state` itself, so "checksum OK" here means exactly
 what the Load PTQ State node will accept. Exit codes: 0 good file, 2 bad or missing
-file (the PTQStateError message goes to stderr).
+file (the PTQStateError message goes to stderr; a FIFO, a device or a hostile header is
+refused in bounded time like any bad file).
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from safetensors import safe_open
 
+from .safefile import loads_json, read_header
 from .state import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, PTQState, PTQStateError, load_state, state_nbytes
 
 
 def _checksum(path: str) -> str:
     """The stored checksum (load_state has already verified it)."""
-    with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()[METADATA_KEY])["checksum"]
+    metadata = read_header(path, PTQStateError)["__metadata__"][METADATA_KEY]
+    return loads_json(metadata, PTQStateError, "bad metadata JSON")["checksum"]
 
 
 def _mask_range(state: PTQState, expert: str) -> list[float]:

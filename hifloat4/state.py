@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from hifloat4 import wan
-from hifloat4.safefile import atomic_file, few, read_header, reject_constant
+from hifloat4.rotation import Rotation
+from hifloat4.safefile import HiF4FileError, atomic_file, few, loads_json, parse_header, read_regular, safe_output_path
 
 FORMAT_NAME = "hifloat4-ptq"
 FORMAT_VERSION = 1
@@ -49,12 +50,14 @@ STATISTICS = ("tail", "max", "none")
 SUFFIX = ".safetensors"
 TOOL_VERSION_FALLBACK = "0.1.0"
 _TAIL_SLACK = 1e-6  # tail <= absmax up to float rounding of the percentile interpolation
+MAX_ROTATION_BLOCK = 8192  # the Apply node's limit; Wan2.2's in-features take blocks up to 2048
+MAX_STATE_BYTES = 2**30  # read whole: both A14B experts are 37 MiB
 
 _EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LAYER_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
-class PTQStateError(ValueError):
+class PTQStateError(HiF4FileError):
     """Anything wrong with a PTQ state or its file; the message names the problem."""
 
 
@@ -188,11 +191,22 @@ def _check_metadata(meta) -> None:
         raise PTQStateError(f"percentile must be in (0, 100], got {meta['percentile']!r}")
     if meta["statistic"] not in STATISTICS:
         raise PTQStateError(f"statistic must be one of {STATISTICS}, got {meta['statistic']!r}")
-    rot = meta["rotation"]
-    if rot is not None and not (set(rot) == {"block", "seed"} and _is_int(rot["block"]) and rot["block"] > 0
-                                and _is_int(rot["seed"])):
-        raise PTQStateError(f"rotation must be null or {{'block': int > 0, 'seed': int}}, got {rot!r}")
+    _check_rotation(meta["rotation"])
     _check_experts(meta["experts"])
+
+
+def _check_rotation(rot: dict | None) -> None:
+    """What the rotation code accepts (block a power of two, seed in [0, 2**63)), block <= MAX_ROTATION_BLOCK."""
+    if rot is None:
+        return
+    if set(rot) != {"block", "seed"}:
+        raise PTQStateError(f"rotation must be null or {{'block': int, 'seed': int}}, got keys {few(map(str, rot))}")
+    try:
+        Rotation(block=rot["block"], seed=rot["seed"])
+    except ValueError as e:
+        raise PTQStateError(f"rotation: {e}") from None
+    if rot["block"] > MAX_ROTATION_BLOCK:
+        raise PTQStateError(f"rotation block {rot['block']} is larger than {MAX_ROTATION_BLOCK}")
 
 
 def _check_experts(experts: list) -> None:
@@ -312,10 +326,11 @@ def decode_state(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | No
     if not metadata or METADATA_KEY not in metadata:
         raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
                             f"(wrong format name)")
-    try:
-        meta = json.loads(metadata[METADATA_KEY], parse_constant=reject_constant)
-    except (TypeError, ValueError) as e:
-        raise PTQStateError(f"bad metadata JSON: {e}") from None
+    if set(metadata) != {METADATA_KEY}:  # the checksum covers only this key, so nothing else may ride along
+        raise PTQStateError(f"unknown safetensors metadata keys: {few(set(metadata) - {METADATA_KEY})}")
+    if not isinstance(metadata[METADATA_KEY], str):
+        raise PTQStateError("bad metadata JSON: not a string")
+    meta = loads_json(metadata[METADATA_KEY], PTQStateError, "bad metadata JSON")
     _validate(tensors, meta)
     experts = {
         ex["name"]: ExpertState(
@@ -334,21 +349,8 @@ def decode_state(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | No
 
 def safe_state_path(directory: str | os.PathLike, name: str) -> str:
     """Join a user-supplied bare file name to `directory`, refusing anything that could
-    point elsewhere: separators, '..', absolute or drive paths, hidden names, NUL,
-    and names not ending in .safetensors."""
-    if not isinstance(name, str) or not name:
-        raise PTQStateError("state name must be a non-empty string")
-    if "/" in name or "\\" in name or "\0" in name or os.path.isabs(name) or re.match(r"[A-Za-z]:", name):
-        raise PTQStateError(f"state name {name!r} must be a bare file name (no separators or drive)")
-    if ".." in name or name.startswith("."):
-        raise PTQStateError(f"state name {name!r} must not contain '..' or start with '.'")
-    if not name.endswith(SUFFIX) or len(name) == len(SUFFIX) or len(name) > 255:
-        raise PTQStateError(f"state name {name!r} must be a name ending in {SUFFIX}")
-    base = os.path.abspath(directory)
-    path = os.path.join(base, name)
-    if os.path.dirname(path) != base:
-        raise PTQStateError(f"state name {name!r} escapes {base}")
-    return path
+    point elsewhere (hifloat4.safefile.safe_output_path)."""
+    return safe_output_path(directory, name, what="state", suffix=SUFFIX, error=PTQStateError)
 
 
 def save_state(path: str | os.PathLike, state: PTQState) -> str:
@@ -367,7 +369,8 @@ def save_state(path: str | os.PathLike, state: PTQState) -> str:
 def load_state(path: str | os.PathLike) -> PTQState:
     """Read and fully validate a PTQ state file; every problem raises PTQStateError."""
     path = os.fspath(path)
-    header = read_header(path, PTQStateError)
+    data = read_regular(path, PTQStateError, MAX_STATE_BYTES)
+    header = parse_header(data, PTQStateError, path)
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
@@ -377,7 +380,7 @@ def load_state(path: str | os.PathLike) -> PTQState:
     if bad:
         raise PTQStateError(f"tensors with wrong dtype (must be F16 or BF16): {few(bad)}")
     try:
-        tensors = safetensors.torch.load_file(path)
+        tensors = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise PTQStateError(f"not a readable safetensors file: {e}") from None
     return decode_state(tensors, metadata)

@@ -10,6 +10,7 @@ stripped, so every returned name is relative to the Wan transformer root.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -175,11 +176,12 @@ def detect_variant(obj: WanLike) -> WanVariant:
     indices = sorted({int(_MAIN_RE.fullmatch(n).group(1)) for n in main})
     layers = len(indices)
     if indices != list(range(layers)) or len(main) != layers * len(MAIN_SUFFIXES):
-        have = set(main)
-        missing = [f"blocks.{i}.{s}" for i in range(indices[-1] + 1) for s in MAIN_SUFFIXES
-                   if f"blocks.{i}.{s}" not in have]
-        raise NotWanError(f"incomplete Wan blocks: missing {', '.join(missing[:5])}"
-                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        have = set(main)  # counted, not listed: a hostile block index such as 10**12 must stay cheap
+        missing = itertools.islice((f"blocks.{i}.{s}" for i in range(indices[-1] + 1) for s in MAIN_SUFFIXES
+                                    if f"blocks.{i}.{s}" not in have), 5)
+        count = (indices[-1] + 1) * len(MAIN_SUFFIXES) - len(have)
+        raise NotWanError(f"incomplete Wan blocks: missing {', '.join(missing)}"
+                          + (f" and {count - 5} more" if count > 5 else ""))
     ffn_dim = linears["blocks.0.ffn.0"][0]
     has_img = any(n.startswith(_IMG_EMB) for n in linears)
     variant = "custom" if has_img or tuple(patch) != (1, 2, 2) else \

@@ -9,6 +9,7 @@ import os
 import comfy.samplers
 
 from hifloat4 import smoothing as hsmoothing
+from hifloat4 import safefile
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
@@ -150,8 +151,7 @@ class HiF4CalibrateWan22:
     def _save(state, filename_prefix) -> tuple[str, str]:
         subfolder, base = policy.split_prefix(filename_prefix)
         root = glue.save_dir()
-        folder = os.path.join(root, subfolder)
-        os.makedirs(folder, exist_ok=True)
+        folder = safefile.output_folder(root, subfolder, what=glue.FOLDER, error=hstate.PTQStateError)
         name = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
         hstate.save_state(hstate.safe_state_path(folder, name), state)
         return name, subfolder

@@ -1,22 +1,13 @@
 """HiF4LoadPTQState: pick a PTQ state file from calib_states."""
 from __future__ import annotations
 
-import hashlib
-
+from hifloat4 import safefile
 from hifloat4 import state as hstate
 
 from . import comfy_glue as glue
 from . import policy
 
 CATEGORY = "hifloat4"
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class HiF4LoadPTQState:
@@ -46,8 +37,8 @@ class HiF4LoadPTQState:
     def IS_CHANGED(cls, state_name):
         """The file's content hash: a re-saved or replaced file reloads."""
         try:
-            return _file_sha256(cls._path(state_name))
-        except OSError:
+            return safefile.file_sha256(cls._path(state_name), hstate.PTQStateError)
+        except (OSError, ValueError):
             return float("nan")  # never equal: let load() report the problem
 
     @classmethod

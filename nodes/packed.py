@@ -30,6 +30,7 @@ import comfy.lora
 import comfy.ops
 import comfy.patcher_extension
 import comfy.sd
+import comfy.utils
 import folder_paths
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from torch import nn
 from hifloat4 import export as hexport
 from hifloat4 import linear as hlinear
 from hifloat4 import packed_linear as hpacked
-from hifloat4 import state as hstate
+from hifloat4 import safefile
 from hifloat4.packing import PackedHiF4
 
 from . import comfy_glue as glue
@@ -201,29 +202,10 @@ def load_packed_model(path: str):
     return model
 
 
-_MARKER_CACHE: dict[str, tuple[tuple[int, int], bool]] = {}
-
-
-def _has_marker(path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    key = (st.st_mtime_ns, st.st_size)
-    hit = _MARKER_CACHE.get(path)
-    if hit is None or hit[0] != key:
-        hit = _MARKER_CACHE[path] = (key, hexport.is_hif4_checkpoint(path))
-    return hit[1]
-
-
 def packed_model_names() -> list[str]:
-    """diffusion_models files carrying the HiF4 marker (headers only, cached by mtime/size)."""
-    names = []
-    for name in folder_paths.get_filename_list(FOLDER):
-        path = folder_paths.get_full_path(FOLDER, name)
-        if name.lower().endswith(hexport.SUFFIX) and path and _has_marker(path):
-            names.append(name)
-    return names
+    """diffusion_models files carrying the HiF4 marker (headers only, cached; bad files skipped and logged once)."""
+    return hexport.hif4_checkpoint_names((n, folder_paths.get_full_path(FOLDER, n))
+                                         for n in folder_paths.get_filename_list(FOLDER))
 
 
 class HiF4LoadDiffusionModel:
@@ -267,7 +249,7 @@ class HiF4LoadDiffusionModel:
             path = cls._path(unet_name)
         except FileNotFoundError as e:
             return str(e)
-        if not _has_marker(path):
+        if not hexport.has_hif4_marker(path):
             return (f"{unet_name} is not a packed HiF4 checkpoint (no {hexport.METADATA_KEY!r} marker); load it with "
                     "'Load Diffusion Model', or export it with 'Save HiF4 Model'")
         return True
@@ -364,12 +346,15 @@ class HiF4SaveModel:
             raise ValueError("connect the model from before 'Apply HiFloat4 W4A4': 'Save HiF4 Model' quantizes it "
                              "itself with the PTQ state")
         name = HiF4ApplyW4A4._select_expert(model, ptq_state, expert)
-        subfolder, base = policy.split_prefix(filename_prefix)
-        folder = os.path.join(save_root(), subfolder)
-        os.makedirs(folder, exist_ok=True)
+        subfolder, base = policy.split_prefix(filename_prefix, FOLDER)
+        folder = safefile.output_folder(save_root(), subfolder, what=FOLDER, error=hexport.HiF4CheckpointError)
         filename = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
-        path = hstate.safe_state_path(folder, filename)
-        report = hexport.export_expert(ComfyModelSource(model), ptq_state, name, path)
+        path = safefile.safe_output_path(folder, filename, what="model file", suffix=hexport.SUFFIX,
+                                         error=hexport.HiF4CheckpointError)
+        bar = comfy.utils.ProgressBar(1)
+        report = hexport.export_expert(ComfyModelSource(model), ptq_state, name, path,
+                                       progress=lambda done, total: bar.update_absolute(done, total),
+                                       cancel=glue.check_interrupt)
         for w in report.warnings:
             log.warning("HiF4: %s", w)
         return {"ui": {"hifloat4_models": [{"filename": filename, "subfolder": subfolder, "type": FOLDER}],

@@ -79,14 +79,14 @@ def prompt_seed(seed: int, index: int) -> int:
 
 # --------------------------------------------------------------------------- file names
 
-def split_prefix(filename_prefix: str) -> tuple[str, str]:
+def split_prefix(filename_prefix: str, folder: str = "calib_states") -> tuple[str, str]:
     """(subfolder, base name) of a filename prefix such as "wan22/t2v"; refuses
-    absolute paths and '..' so a state can only land inside calib_states."""
+    absolute paths and '..' so a file can only land inside `folder` (named in the message)."""
     prefix = filename_prefix.strip().replace("\\", "/")
     if not prefix or prefix.endswith("/"):
         raise ValueError(f"filename_prefix {filename_prefix!r} needs a file name part")
     if prefix.startswith("/") or re.match(r"^[A-Za-z]:", prefix) or ".." in prefix.split("/"):
-        raise ValueError(f"filename_prefix {filename_prefix!r} must stay inside calib_states "
+        raise ValueError(f"filename_prefix {filename_prefix!r} must stay inside {folder} "
                          "(no absolute path, no '..')")
     sub, _, base = prefix.rpartition("/")
     return sub, base

@@ -111,8 +111,20 @@ def test_loader_refuses_a_checkpoint_missing_a_model_tensor(comfy, mods, files, 
         t = {k: f.get_tensor(k) for k in f.keys() if k != "blocks.1.norm3.weight"}  # noqa: SIM118
         meta = f.metadata()
     save_file(t, str(tmp_path / "holey.safetensors"), metadata=meta)
-    with pytest.raises(RuntimeError, match="lacks 1 tensors.*blocks.1.norm3.weight"):
+    with pytest.raises(ValueError, match="missing blocks.1.norm3.weight"):  # the core's exact key set
         mods["packed"].load_packed_model(str(tmp_path / "holey.safetensors"))
+
+
+def test_loader_refuses_a_checkpoint_with_an_extra_tensor(comfy, mods, files, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(files["packed"]), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = f.metadata()
+    t["evil.weight"] = torch.zeros(1 << 20)
+    save_file(t, str(tmp_path / "evil.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="unexpected evil.weight"):
+        mods["packed"].load_packed_model(str(tmp_path / "evil.safetensors"))
 
 
 def test_loader_lists_only_marked_files_and_validates_names(comfy, mods, files, diffusion_dir):
@@ -208,3 +220,40 @@ def test_save_node_refuses_packed_applied_and_escaping_names(comfy, mods, files,
         with pytest.raises(ValueError, match="inside"):
             node.save(load_unet(T2V_HIGH), state, HIGH, prefix)
     assert sorted(p.name for p in diffusion_dir.rglob("*")) == []
+
+
+def test_save_node_errors_name_diffusion_models_and_refuse_a_symlinked_subfolder(comfy, mods, files, load_unet,
+                                                                                  diffusion_dir):
+    state = mods["state"].load_state(files["state"])
+    node = mods["packed"].HiF4SaveModel()
+    with pytest.raises(ValueError, match="inside diffusion_models"):
+        node.save(load_unet(T2V_HIGH), state, HIGH, "../escape")
+    outside = diffusion_dir.parent / (diffusion_dir.name + "_outside")
+    outside.mkdir()
+    (diffusion_dir / "linked").symlink_to(outside)
+    with pytest.raises(ValueError, match="leads outside diffusion_models"):
+        node.save(load_unet(T2V_HIGH), state, HIGH, "linked/x")
+    assert list(outside.iterdir()) == []
+
+
+def test_cancel_during_save_leaves_no_file(comfy, mods, files, load_unet, diffusion_dir):
+    mm = comfy["comfy.model_management"]
+    state = mods["state"].load_state(files["state"])
+    model = load_unet(T2V_HIGH)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            mods["packed"].HiF4SaveModel().save(model, state, HIGH, "cancelled")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert list(diffusion_dir.rglob("*")) == []
+
+
+def test_loader_list_skips_a_fifo_and_a_hostile_header(comfy, mods, files, diffusion_dir):
+    os.symlink(files["packed"], diffusion_dir / "mine.safetensors")
+    os.mkfifo(diffusion_dir / "pipe.safetensors")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (diffusion_dir / "deep.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    node = mods["packed"].HiF4LoadDiffusionModel
+    assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["mine.safetensors"]
+    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS("pipe.safetensors")
