@@ -38,6 +38,7 @@ KNOWN_VARIANTS = {
     (5120, 13824, 40, 36, 16): "i2v_a14b",
     (3072, 14336, 30, 48, 48): "ti2v_5b",
 }
+VARIANT_TITLES = {"t2v_a14b": "T2V-A14B", "i2v_a14b": "I2V-A14B", "ti2v_5b": "TI2V-5B"}
 FINGERPRINT_VERSION = 1
 PROBE_VALUES = 32  # leading elements read from each probed row
 PROBE_TOLERANCE = 1e-2  # relative L2 distance still counted as "the same weights"
@@ -139,6 +140,16 @@ class WanVariant:
     def describe(self) -> str:
         return (f"{self.family} {self.variant} ({self.kind}, dim {self.dim}, ffn {self.ffn_dim}, "
                 f"{self.layers} blocks, in {self.in_dim}, out {self.out_dim})")
+
+    def title(self) -> str:
+        """The name a user knows the model by ("Wan2.2 I2V-A14B"); other sizes say
+        their type and size ("a custom Wan2.2 T2V model (dim 256, 4 blocks, 16 input channels)")."""
+        family = "Wan2.1" if self.family == "wan2.1" else "Wan2.2"
+        if self.variant in VARIANT_TITLES:
+            return f"{family} {VARIANT_TITLES[self.variant]}"
+        kind = self.kind.upper() if self.kind != "unknown" else "video"
+        return (f"a custom {family} {kind} model (dim {self.dim}, {self.layers} blocks, "
+                f"{self.in_dim} input channels)")
 
 
 def _kind(in_dim: int, out_dim: int) -> str:
@@ -254,6 +265,18 @@ def fingerprint(obj: WanLike, get_weight: Callable[[str], Tensor | None] | None 
         content = hashlib.sha256(torch.tensor(probe, dtype=torch.float32).numpy().tobytes()).hexdigest()
     return {"version": FINGERPRINT_VERSION, "layers": layers, "patch_embedding": patch,
             "shape_hash": shape_hash(layers, patch), "content_hash": content, "probe": probe}
+
+
+def fingerprint_title(fp: Mapping) -> str:
+    """WanVariant.title() of the model a fingerprint was taken from (its layer and
+    patch-embedding shapes say which), e.g. to tell a user what a PTQ state was made for."""
+    shapes: dict[str, Sequence[int]] = {f"{n}.weight": s for n, s in fp.get("layers", {}).items()}
+    if fp.get("patch_embedding"):
+        shapes["patch_embedding.weight"] = fp["patch_embedding"]
+    try:
+        return detect_variant(shapes).title()
+    except ValueError:
+        return f"a Wan model with {len(fp.get('layers', {}))} quantizable layers"
 
 
 def check_fingerprint(fp) -> None:

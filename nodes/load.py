@@ -19,6 +19,11 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _unpicked(state_name) -> str | None:
+    return policy.unpicked_file(state_name, glue.state_names(), "PTQ states", glue.state_folders(),
+                                "run Calibrate Wan2.2 HiF4 (or copy a shared state there)")
+
+
 class HiF4LoadPTQState:
     @classmethod
     def INPUT_TYPES(cls):
@@ -31,7 +36,10 @@ class HiF4LoadPTQState:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads HiFloat4 channel masks (a PTQ state) saved by 'Calibrate Wan2.2 HiF4' or shared by others."
 
-    def load(self, state_name):
+    def load(self, state_name=None):
+        problem = _unpicked(state_name)
+        if problem:
+            raise FileNotFoundError(problem)
         return (hstate.load_state(self._path(state_name)),)
 
     @staticmethod
@@ -51,7 +59,10 @@ class HiF4LoadPTQState:
             return float("nan")  # never equal: let load() report the problem
 
     @classmethod
-    def VALIDATE_INPUTS(cls, state_name):
+    def VALIDATE_INPUTS(cls, state_name=None):  # no value at all when the list is empty
+        problem = _unpicked(state_name)
+        if problem:
+            return problem
         if not policy.is_state_name(state_name):
             return f"PTQ states are .safetensors files, got {state_name!r}"
         try:
