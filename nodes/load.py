@@ -59,7 +59,9 @@ class HiF4LoadPTQState:
             return float("nan")  # never equal: let load() report the problem
 
     @classmethod
-    def VALIDATE_INPUTS(cls, state_name=None):  # no value at all when the list is empty
+    def VALIDATE_INPUTS(cls, input_types, state_name=None):
+        # An empty list reaches us with no state_name at all (the frontend omits it), and ComfyUI
+        # reports a custom message only per argument it passed: input_types is always passed.
         problem = _unpicked(state_name)
         if problem:
             return problem

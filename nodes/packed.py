@@ -270,7 +270,9 @@ class HiF4LoadDiffusionModel:
             return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name=None):  # no value at all when the list is empty
+    def VALIDATE_INPUTS(cls, input_types, unet_name=None):
+        # An empty list reaches us with no unet_name at all (the frontend omits it), and ComfyUI
+        # reports a custom message only per argument it passed: input_types is always passed.
         problem = _unpicked(unet_name)
         if problem:
             return problem
