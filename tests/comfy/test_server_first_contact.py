@@ -108,6 +108,24 @@ def test_empty_packed_model_list_says_how_to_make_one(fresh, value):
     assert "positional argument" not in errors and "NoneType" not in errors
 
 
+def test_load_functions_without_a_file_say_what_to_do(comfy, tmp_path, monkeypatch):
+    """In-process: the node methods themselves, called as ComfyUI calls them with an
+    empty list (no value) or a null value."""
+    import importlib
+    fp = comfy["folder_paths"]
+    for folder in ("calib_states", "diffusion_models"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.setitem(fp.folder_names_and_paths, folder, ([str(tmp_path / folder)], {".safetensors"}))
+    load = importlib.import_module("comfyui_hifloat4.nodes.load").HiF4LoadPTQState
+    packed = importlib.import_module("comfyui_hifloat4.nodes.packed").HiF4LoadDiffusionModel
+    for cls, arg, words in ((load, "state_name", "no PTQ states in"),
+                            (packed, "unet_name", "no packed HiF4 checkpoints in")):
+        assert cls.VALIDATE_INPUTS(input_types={}).startswith(f"{words} {tmp_path}")
+        assert cls.VALIDATE_INPUTS(input_types={}, **{arg: None}).startswith(words)
+        with pytest.raises(FileNotFoundError, match=words):
+            cls().load()
+
+
 # --------------------------------------------------------------------------- 2: seed, tooltips
 
 def test_calibrate_seed_has_no_control_after_generate(fresh):
