@@ -340,47 +340,6 @@ def match_fingerprint(fp: dict, candidates: Mapping[str, dict]) -> str | None:
     Exact content hash first; failing that, a unique same-shaped candidate whose
     probe is within PROBE_TOLERANCE relative L2 (copies of one checkpoint in other
     dtypes). A fingerprint without content (meta weights) matches nothing: shapes
-    alone cannot tell two experts apart. `explain_match` says why.
+    alone cannot tell two experts apart. hifloat4.experts says what a refused model is.
     """
     return _match(fp, candidates)[0]
-
-
-def _layer_diff(fp: dict, cand: dict) -> str:
-    model, ref = fp.get("layers", {}), cand.get("layers", {})
-    missing = [n for n in ref if n not in model]
-    extra = [n for n in model if n not in ref]
-    differ = [n for n in ref if n in model and list(model[n]) != list(ref[n])]
-    parts = []
-    if fp.get("patch_embedding") != cand.get("patch_embedding"):
-        parts.append(f"patch_embedding: model {fp.get('patch_embedding')} vs {cand.get('patch_embedding')}")
-    if differ:
-        n = differ[0]
-        parts.append(f"{len(differ)} layer shapes differ, e.g. {n}: model {list(model[n])} vs {list(ref[n])}")
-    if missing:
-        parts.append(f"{len(missing)} layers missing in the model, e.g. {missing[0]}")
-    if extra:
-        parts.append(f"{len(extra)} extra layers in the model, e.g. {extra[0]}")
-    return "; ".join(parts) or "same layer names and shapes"
-
-
-def explain_match(fp: dict, candidates: Mapping[str, dict]) -> str:
-    """Human-readable account of what `match_fingerprint` found, one line per candidate."""
-    name, verdict = _match(fp, candidates)
-    layers = fp.get("layers", {})
-    lines = [f"model: {len(layers)} layers, shape_hash {str(fp.get('shape_hash'))[:12]}, "
-             f"content_hash {str(fp.get('content_hash'))[:12]}"
-             + ("" if fp.get("content_hash") else " (weights not readable)"),
-             f"result: {name!r} ({verdict})" if name else f"result: no match ({verdict})"]
-    for cand_name, c in candidates.items():
-        if c.get("shape_hash") != fp.get("shape_hash"):
-            lines.append(f"  {cand_name}: {_layer_diff(fp, c)}")
-        elif c.get("content_hash") == fp.get("content_hash") and fp.get("content_hash"):
-            lines.append(f"  {cand_name}: same shapes, same content")
-        elif fp.get("probe") and c.get("probe") and len(fp["probe"]) == len(c["probe"]):
-            lines.append(f"  {cand_name}: same shapes, different weights "
-                         f"(relative distance {_distance(fp['probe'], c['probe']):.3g})")
-        else:
-            lines.append(f"  {cand_name}: same shapes, content not comparable")
-    if not candidates:
-        lines.append("  (no candidates)")
-    return "\n".join(lines)
