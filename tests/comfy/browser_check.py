@@ -9,7 +9,9 @@ browser (8_templates.png), a fresh Calibrate node next to a KSampler (2_calibrat
 no control widget under Calibrate's seed), Load PTQ State / Load HiF4 Diffusion Model
 with empty lists queued (1_empty_lists.png; report: what the frontend sent and the
 node errors), and a calibration queued from the page (4_calibrate_written.png: the file
-name under the node), queued twice more unchanged (report: no third file)."""
+name under the node), queued twice more unchanged (report: no third file), and Apply
+with a named expert on other weights of the same type (3_apply_warning.png: the
+warning under the node)."""
 import asyncio
 import base64
 import json
@@ -24,6 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import aiohttp  # noqa: E402
 import harness  # noqa: E402
 import wan_prompts as P  # noqa: E402
+from harness import node  # noqa: E402
 
 OUT = pathlib.Path(sys.argv[1])
 OUT.mkdir(parents=True, exist_ok=True)
@@ -54,6 +57,15 @@ class Page:
     async def shot(self, name):
         r = await self.call("Page.captureScreenshot", format="png")
         (OUT / name).write_bytes(base64.b64decode(r["data"]))
+
+
+async def wait_idle(srv):
+    await asyncio.sleep(3)
+    for _ in range(300):
+        q = json.load(urllib.request.urlopen(srv.url + "/queue"))
+        if not q["queue_running"] and not q["queue_pending"]:
+            return
+        await asyncio.sleep(1)
 
 
 async def main():
@@ -167,6 +179,27 @@ async def main():
                             break
                 report["calib_files_after_queueing_again"] = sorted(
                     f.name for f in (models / "calib_states" / "ui").iterdir())
+                # 3: a named expert on other weights of the same type (T2V low-noise model, the
+                # high-noise masks): runs, and the Apply node shows the warning
+                warn = {k: v for k, v in P.bf16(P.T2V).items() if k in {"2", "4", "5", "6", "7"}}
+                warn["20"] = node("HiF4LoadPTQState", state_name="ui/t2v_00001.safetensors")
+                warn["21"] = node("HiF4ApplyW4A4", model=["4", 0], ptq_state=["20", 0], expert="high_noise")
+                warn["22"] = node("KSampler", model=["21", 0], seed=1, steps=1, cfg=1.0, sampler_name="euler",
+                                  scheduler="simple", positive=["5", 0], negative=["6", 0], latent_image=["7", 0],
+                                  denoise=1.0)
+                warn["23"] = node("HarnessLatentDigest", samples=["22", 0], label="warned")
+                await p.js(f"app.loadApiJson({json.dumps(warn)}, 'ui_check_warning')")
+                await asyncio.sleep(2)
+                await p.js("app.queuePrompt(0)")
+                await wait_idle(srv)
+                report["apply_node_text"] = await p.js("""(() => {
+                    const n = app.graph.nodes.find(n => n.type === 'HiF4ApplyW4A4');
+                    n.pos = [100, 60]; app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];
+                    app.canvas.setDirty(true, true);
+                    const w = n.widgets.find(w => w.name === '$$node-text-preview');
+                    return w ? w.value : null; })()""")
+                await asyncio.sleep(1)
+                await p.shot("3_apply_warning.png")
                 # templates as the browser lists them
                 report["templates"] = json.load(urllib.request.urlopen(srv.url + "/workflow_templates"))
     finally:
