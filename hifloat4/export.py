@@ -44,13 +44,14 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .safefile import HiF4FileError, atomic_file, few, loads_json, read_header
+from . import experts as hexperts
 from . import state as hstate
 from . import wan as hwan
 from .format import GROUP_SIZE
 from .packed_linear import PackedHiF4Linear, pack_weight
 from .packing import BYTES_PER_GROUP, PackedHiF4
 from .rotation import Rotation
+from .safefile import HiF4FileError, atomic_file, few, loads_json, read_header
 
 FORMAT_NAME = "hifloat4-packed-wan"
 FORMAT_VERSION = 1
@@ -193,24 +194,13 @@ def rotation_block(in_features: int, block: int) -> int:
 
 
 def choose_expert(state: hstate.PTQState, fingerprint: dict, requested: str) -> tuple[str, str | None]:
-    """(expert name, warning or None). "auto" needs a fingerprint match; a named
-    expert must exist and only warns when the weights differ (as the Apply node)."""
-    candidates = {n: ex.fingerprint for n, ex in state.experts.items()}
-    if requested == "auto":
-        name = hwan.match_fingerprint(fingerprint, candidates)
-        if name is None:
-            raise HiF4CheckpointError("the model matches no expert of this PTQ state "
-                                      f"(experts: {', '.join(state.expert_names)}).\n"
-                                      + hwan.explain_match(fingerprint, candidates)
-                                      + "\nName the expert explicitly only if you are sure the weights belong to it.")
-        return name, None
-    if requested not in state.experts:
-        raise HiF4CheckpointError(f"this PTQ state has no {requested!r} expert; it has: "
-                                  f"{', '.join(state.expert_names)}")
-    if hwan.match_fingerprint(fingerprint, {requested: candidates[requested]}) is None:
-        return requested, (f"the model's weights differ from the {requested!r} expert the state was calibrated on "
-                           "(exporting as requested)")
-    return requested, None
+    """(expert name, warning or None): hifloat4.experts.choose_expert, the rule Apply uses."""
+    try:
+        choice = hexperts.choose_expert(fingerprint, {n: ex.fingerprint for n, ex in state.experts.items()},
+                                        requested)
+    except hexperts.ExpertMismatch as e:
+        raise HiF4CheckpointError(str(e)) from None
+    return choice.name, choice.warning
 
 
 # --------------------------------------------------------------------------- writing

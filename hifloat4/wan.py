@@ -39,6 +39,7 @@ KNOWN_VARIANTS = {
     (5120, 13824, 40, 36, 16): "i2v_a14b",
     (3072, 14336, 30, 48, 48): "ti2v_5b",
 }
+VARIANT_TITLES = {"t2v_a14b": "T2V-A14B", "i2v_a14b": "I2V-A14B", "ti2v_5b": "TI2V-5B"}
 FINGERPRINT_VERSION = 1
 PROBE_VALUES = 32  # leading elements read from each probed row
 PROBE_TOLERANCE = 1e-2  # relative L2 distance still counted as "the same weights"
@@ -140,6 +141,16 @@ class WanVariant:
     def describe(self) -> str:
         return (f"{self.family} {self.variant} ({self.kind}, dim {self.dim}, ffn {self.ffn_dim}, "
                 f"{self.layers} blocks, in {self.in_dim}, out {self.out_dim})")
+
+    def title(self) -> str:
+        """The name a user knows the model by ("Wan2.2 I2V-A14B"); other sizes say
+        their type and size ("a custom Wan2.2 T2V model (dim 256, 4 blocks, 16 input channels)")."""
+        family = "Wan2.1" if self.family == "wan2.1" else "Wan2.2"
+        if self.variant in VARIANT_TITLES:
+            return f"{family} {VARIANT_TITLES[self.variant]}"
+        kind = self.kind.upper() if self.kind != "unknown" else "video"
+        return (f"a custom {family} {kind} model (dim {self.dim}, {self.layers} blocks, "
+                f"{self.in_dim} input channels)")
 
 
 def _kind(in_dim: int, out_dim: int) -> str:
@@ -258,6 +269,18 @@ def fingerprint(obj: WanLike, get_weight: Callable[[str], Tensor | None] | None 
             "shape_hash": shape_hash(layers, patch), "content_hash": content, "probe": probe}
 
 
+def fingerprint_title(fp: Mapping) -> str:
+    """WanVariant.title() of the model a fingerprint was taken from (its layer and
+    patch-embedding shapes say which), e.g. to tell a user what a PTQ state was made for."""
+    shapes: dict[str, Sequence[int]] = {f"{n}.weight": s for n, s in fp.get("layers", {}).items()}
+    if fp.get("patch_embedding"):
+        shapes["patch_embedding.weight"] = fp["patch_embedding"]
+    try:
+        return detect_variant(shapes).title()
+    except ValueError:
+        return f"a Wan model with {len(fp.get('layers', {}))} quantizable layers"
+
+
 def check_fingerprint(fp) -> None:
     """Raise ValueError naming the problem if `fp` is not a well-formed fingerprint."""
     if not isinstance(fp, dict):
@@ -319,47 +342,6 @@ def match_fingerprint(fp: dict, candidates: Mapping[str, dict]) -> str | None:
     Exact content hash first; failing that, a unique same-shaped candidate whose
     probe is within PROBE_TOLERANCE relative L2 (copies of one checkpoint in other
     dtypes). A fingerprint without content (meta weights) matches nothing: shapes
-    alone cannot tell two experts apart. `explain_match` says why.
+    alone cannot tell two experts apart. hifloat4.experts says what a refused model is.
     """
     return _match(fp, candidates)[0]
-
-
-def _layer_diff(fp: dict, cand: dict) -> str:
-    model, ref = fp.get("layers", {}), cand.get("layers", {})
-    missing = [n for n in ref if n not in model]
-    extra = [n for n in model if n not in ref]
-    differ = [n for n in ref if n in model and list(model[n]) != list(ref[n])]
-    parts = []
-    if fp.get("patch_embedding") != cand.get("patch_embedding"):
-        parts.append(f"patch_embedding: model {fp.get('patch_embedding')} vs {cand.get('patch_embedding')}")
-    if differ:
-        n = differ[0]
-        parts.append(f"{len(differ)} layer shapes differ, e.g. {n}: model {list(model[n])} vs {list(ref[n])}")
-    if missing:
-        parts.append(f"{len(missing)} layers missing in the model, e.g. {missing[0]}")
-    if extra:
-        parts.append(f"{len(extra)} extra layers in the model, e.g. {extra[0]}")
-    return "; ".join(parts) or "same layer names and shapes"
-
-
-def explain_match(fp: dict, candidates: Mapping[str, dict]) -> str:
-    """Human-readable account of what `match_fingerprint` found, one line per candidate."""
-    name, verdict = _match(fp, candidates)
-    layers = fp.get("layers", {})
-    lines = [f"model: {len(layers)} layers, shape_hash {str(fp.get('shape_hash'))[:12]}, "
-             f"content_hash {str(fp.get('content_hash'))[:12]}"
-             + ("" if fp.get("content_hash") else " (weights not readable)"),
-             f"result: {name!r} ({verdict})" if name else f"result: no match ({verdict})"]
-    for cand_name, c in candidates.items():
-        if c.get("shape_hash") != fp.get("shape_hash"):
-            lines.append(f"  {cand_name}: {_layer_diff(fp, c)}")
-        elif c.get("content_hash") == fp.get("content_hash") and fp.get("content_hash"):
-            lines.append(f"  {cand_name}: same shapes, same content")
-        elif fp.get("probe") and c.get("probe") and len(fp["probe"]) == len(c["probe"]):
-            lines.append(f"  {cand_name}: same shapes, different weights "
-                         f"(relative distance {_distance(fp['probe'], c['probe']):.3g})")
-        else:
-            lines.append(f"  {cand_name}: same shapes, content not comparable")
-    if not candidates:
-        lines.append("  (no candidates)")
-    return "\n".join(lines)

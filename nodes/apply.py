@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import logging
 
+from hifloat4 import experts as hexperts
 from hifloat4 import rotation as hrotation
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
 from . import comfy_glue as glue
 from . import policy
+from .ui_text import tell
 
 CATEGORY = "hifloat4"
 AS_CALIBRATED = "as calibrated"
 STATISTICS = (AS_CALIBRATED, "tail", "max", "none")
 ROTATIONS = (AS_CALIBRATED, "off", "hadamard")
-
-log = logging.getLogger("hifloat4")
 
 
 class HiF4ApplyW4A4:
@@ -23,12 +23,15 @@ class HiF4ApplyW4A4:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ptq_state": ("PTQ_STATE",),
+                "model": ("MODEL", {"tooltip": "The unquantized Wan2.2 model (after ModelSamplingSD3 and LoRAs); "
+                                               "it is not changed, a quantized clone is returned."}),
+                "ptq_state": ("PTQ_STATE", {"tooltip": "Channel masks from Load PTQ State or Calibrate Wan2.2 HiF4."}),
                 "expert": (list(policy.EXPERTS), {
                     "default": "auto",
-                    "tooltip": "Which expert's masks to use; auto identifies the model by its weights and "
-                               "refuses a model the state was not calibrated on."}),
+                    "tooltip": "Which expert's masks to use. auto identifies the model by its weights and refuses "
+                               "a model the state was not made for. Naming an expert uses its masks on other "
+                               "weights of the same model type (e.g. an fp8 copy) with a warning; another model "
+                               "type (T2V / I2V / TI2V) is always refused."}),
             },
             "optional": {
                 "alpha": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
@@ -39,7 +42,10 @@ class HiF4ApplyW4A4:
                 "rotation": (list(ROTATIONS), {"default": AS_CALIBRATED,
                                                "tooltip": "Block Hadamard rotation after the mask (beyond "
                                                           "the paper)."}),
-                "rotation_block": ("INT", {"default": 512, "min": 1, "max": 8192}),
+                "rotation_block": ("INT", {"default": 512, "min": 1, "max": 8192,
+                                           "tooltip": "Hadamard block size when rotation is hadamard (the "
+                                                      "largest power of two dividing each layer's inputs, up "
+                                                      "to this, is used)."}),
             },
         }
 
@@ -56,31 +62,24 @@ class HiF4ApplyW4A4:
         if is_packed_model(model):
             raise ValueError("this MODEL comes from a packed HiF4 checkpoint (Load HiF4 Diffusion Model): it "
                              "already runs W4A4, so there is nothing to apply; connect it to the sampler directly")
-        name = self._select_expert(model, ptq_state, expert)
+        choice = self._select_expert(model, ptq_state, expert)
+        name = choice.name
         hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(glue.wan_root(model)))
         state = ptq_state
         if alpha >= 0 or statistic != AS_CALIBRATED:
             state = hstate.remask(ptq_state, alpha=None if alpha < 0 else alpha,
                                   statistic=None if statistic == AS_CALIBRATED else statistic)
         masks = {ln: ls.mask for ln, ls in state.experts[name].layers.items()}
-        return (glue.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block)),)
+        out = glue.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block))
+        if choice.warning:
+            return {"ui": tell(choice.warning, logging.WARNING), "result": (out,)}
+        return (out,)
 
     @staticmethod
-    def _select_expert(model, state, expert) -> str:
-        fp = glue.model_fingerprint(model)
+    def _select_expert(model, state, expert) -> hexperts.ExpertChoice:
+        """hifloat4.experts.choose_expert on this MODEL's weights (refuses another model type)."""
         candidates = {n: ex.fingerprint for n, ex in state.experts.items()}
-        matched = hwan.match_fingerprint(fp, candidates) if expert == "auto" else None
-        explanation = hwan.explain_match(fp, candidates) if expert == "auto" and matched is None else ""
-        if explanation:
-            try:
-                explanation = f"found {hwan.detect_variant(glue.wan_root(model)).describe()}\n{explanation}"
-            except ValueError as e:
-                explanation = f"found: {e}\n{explanation}"
-        name = policy.expert_for_request(expert, state.expert_names, matched, explanation)
-        if expert != "auto" and hwan.match_fingerprint(fp, {name: candidates[name]}) is None:
-            log.warning("HiF4: the model's weights differ from the %r expert the state was calibrated on "
-                        "(applying as requested)", name)
-        return name
+        return hexperts.choose_expert(glue.model_fingerprint(model), candidates, expert)
 
     @staticmethod
     def _rotation_for(stored, choice, block):

@@ -15,6 +15,7 @@ from hifloat4 import wan as hwan
 
 from . import comfy_glue as glue
 from . import policy
+from .ui_text import tell
 
 CATEGORY = "hifloat4"
 
@@ -26,18 +27,29 @@ class HiF4CalibrateWan22:
             "required": {
                 "model_high_noise": ("MODEL", {"tooltip": "The Wan2.2 high-noise expert (or the only model, "
                                                           "e.g. TI2V-5B)."}),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
+                "positive": ("CONDITIONING", {"tooltip": "The calibration prompt (I2V: the positive output of "
+                                                         "WanImageToVideo)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt, as for generation."}),
                 "latent_image": ("LATENT", {"tooltip": "Calibration resolution and length."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Noise seed of the first prompt; prompt i uses seed + i."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-                "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple"}),
+                # No "control after generate" (the frontend adds a randomizing one to any INT named seed):
+                # a new seed would re-calibrate for hours and write a new file on every Queue.
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Noise seed of the first prompt; prompt i uses seed + i. Fixed: the "
+                                            "calibration re-runs only when an input changes."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                                  "tooltip": "Sampling steps per prompt; use what you generate with."}),
+                "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale; use what you generate with."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {
+                    "default": "euler", "tooltip": "Sampler, as in KSampler; use what you generate with."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
+                    "default": "simple", "tooltip": "Scheduler, as in KSampler; use what you generate with."}),
                 "switch_step": ("INT", {"default": -1, "min": -1, "max": 10000,
-                                        "tooltip": "Step at which the low-noise expert takes over; -1 derives it "
-                                                   "from Wan2.2's boundary sigma (0.875 T2V, 0.9 I2V)."}),
+                                        "tooltip": "Step at which the low-noise expert takes over: set it to the "
+                                                   "step where your samplers hand over (end_at_step of the first "
+                                                   "KSamplerAdvanced). -1 derives it from Wan2.2's boundary sigma "
+                                                   "(0.875 T2V, 0.9 I2V), which can differ by a step (T2V, shift 8, "
+                                                   "20 steps: 11)."}),
                 "percentile": ("FLOAT", {"default": 99.9, "min": 50.0, "max": 100.0, "step": 0.01,
                                          "tooltip": "Tail statistic of |x| per input channel."}),
                 "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -115,9 +127,10 @@ class HiF4CalibrateWan22:
             alpha=float(alpha), percentile=float(percentile), statistic="tail", rotation=None,
             model_family=variant.family, model_variant=variant.variant, calibration=settings)
         name, subfolder = self._save(state, filename_prefix)
+        written = tell(f"saved PTQ state {os.path.join(glue.FOLDER, subfolder, name)} ({', '.join(experts)}; "
+                       f"{len(conds)} prompt(s) x {steps} steps); press R so Load PTQ State lists it")
         return {"ui": {"hifloat4_states": [{"filename": name, "subfolder": subfolder, "type": glue.FOLDER}],
-                       "text": [f"saved {os.path.join(subfolder, name)}: {', '.join(experts)}, "
-                                f"{len(conds)} prompt(s) x {steps} steps"]},
+                       **written},
                 "result": (state,)}
 
     @staticmethod

@@ -116,8 +116,8 @@ class HiF4CompareVideos:
                                                   "(same seed, same size and frame count)."}),
             },
             "optional": {
-                "label_a": ("STRING", {"default": "bf16"}),
-                "label_b": ("STRING", {"default": "W4A4"}),
+                "label_a": ("STRING", {"default": "bf16", "tooltip": "Name of images_a in the report and plot."}),
+                "label_b": ("STRING", {"default": "W4A4", "tooltip": "Name of images_b in the report and plot."}),
             },
         }
 

@@ -10,6 +10,11 @@ from . import policy
 CATEGORY = "hifloat4"
 
 
+def _unpicked(state_name) -> str | None:
+    return policy.unpicked_file(state_name, glue.state_names(), "PTQ states", glue.state_folders(),
+                                "run Calibrate Wan2.2 HiF4 (or copy a shared state there)")
+
+
 class HiF4LoadPTQState:
     @classmethod
     def INPUT_TYPES(cls):
@@ -22,7 +27,10 @@ class HiF4LoadPTQState:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads HiFloat4 channel masks (a PTQ state) saved by 'Calibrate Wan2.2 HiF4' or shared by others."
 
-    def load(self, state_name):
+    def load(self, state_name=None):
+        problem = _unpicked(state_name)
+        if problem:
+            raise FileNotFoundError(problem)
         return (hstate.load_state(self._path(state_name)),)
 
     @staticmethod
@@ -42,7 +50,12 @@ class HiF4LoadPTQState:
             return float("nan")  # never equal: let load() report the problem
 
     @classmethod
-    def VALIDATE_INPUTS(cls, state_name):
+    def VALIDATE_INPUTS(cls, input_types, state_name=None):
+        # An empty list reaches us with no state_name at all (the frontend omits it), and ComfyUI
+        # reports a custom message only per argument it passed: input_types is always passed.
+        problem = _unpicked(state_name)
+        if problem:
+            return problem
         if not policy.is_state_name(state_name):
             return f"PTQ states are .safetensors files, got {state_name!r}"
         try:

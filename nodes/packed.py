@@ -44,6 +44,7 @@ from hifloat4.packing import PackedHiF4
 from . import comfy_glue as glue
 from . import policy
 from .apply import HiF4ApplyW4A4
+from .ui_text import tell
 
 log = logging.getLogger("hifloat4")
 
@@ -208,6 +209,12 @@ def packed_model_names() -> list[str]:
                                          for n in folder_paths.get_filename_list(FOLDER))
 
 
+def _unpicked(unet_name) -> str | None:
+    return policy.unpicked_file(unet_name, packed_model_names(), "packed HiF4 checkpoints",
+                                folder_paths.get_folder_paths(FOLDER),
+                                "write one with Save HiF4 Model or 'python -m hifloat4 export'")
+
+
 class HiF4LoadDiffusionModel:
     @classmethod
     def INPUT_TYPES(cls):
@@ -222,7 +229,10 @@ class HiF4LoadDiffusionModel:
                    "masks, like 'Apply HiFloat4 W4A4' on the original model, in about 30% of the weight memory. "
                    "LoRAs cannot be applied to it: merge them before saving.")
 
-    def load(self, unet_name):
+    def load(self, unet_name=None):
+        problem = _unpicked(unet_name)
+        if problem:
+            raise FileNotFoundError(problem)
         return (load_packed_model(self._path(unet_name)),)
 
     @staticmethod
@@ -242,8 +252,13 @@ class HiF4LoadDiffusionModel:
             return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name):
-        if not isinstance(unet_name, str) or not unet_name.lower().endswith(hexport.SUFFIX):
+    def VALIDATE_INPUTS(cls, input_types, unet_name=None):
+        # An empty list reaches us with no unet_name at all (the frontend omits it), and ComfyUI
+        # reports a custom message only per argument it passed: input_types is always passed.
+        problem = _unpicked(unet_name)
+        if problem:
+            return problem
+        if not unet_name.lower().endswith(hexport.SUFFIX):
             return f"packed HiF4 checkpoints are .safetensors files, got {unet_name!r}"
         try:
             path = cls._path(unet_name)
@@ -321,10 +336,12 @@ class HiF4SaveModel:
             "required": {
                 "model": ("MODEL", {"tooltip": "The unquantized Wan2.2 expert (LoRAs loaded on it are merged "
                                                "before quantization)."}),
-                "ptq_state": ("PTQ_STATE",),
+                "ptq_state": ("PTQ_STATE", {"tooltip": "Channel masks from Load PTQ State or Calibrate Wan2.2 "
+                                                       "HiF4, made for this model."}),
                 "expert": (list(policy.EXPERTS), {
                     "default": "auto",
-                    "tooltip": "Which expert's masks to use; auto identifies the model by its weights."}),
+                    "tooltip": "Which expert's masks to use; auto identifies the model by its weights. Another "
+                               "model type (T2V / I2V / TI2V) is refused even when an expert is named."}),
                 "filename_prefix": ("STRING", {
                     "default": "hif4/wan2.2_expert",
                     "tooltip": "Saved as models/diffusion_models/<prefix>_NNNNN.safetensors."}),
@@ -345,7 +362,7 @@ class HiF4SaveModel:
         if glue.is_quantized(model):
             raise ValueError("connect the model from before 'Apply HiFloat4 W4A4': 'Save HiF4 Model' quantizes it "
                              "itself with the PTQ state")
-        name = HiF4ApplyW4A4._select_expert(model, ptq_state, expert)
+        name = HiF4ApplyW4A4._select_expert(model, ptq_state, expert).name
         subfolder, base = policy.split_prefix(filename_prefix, FOLDER)
         folder = safefile.output_folder(save_root(), subfolder, what=FOLDER, error=hexport.HiF4CheckpointError)
         filename = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
@@ -355,7 +372,8 @@ class HiF4SaveModel:
         report = hexport.export_expert(ComfyModelSource(model), ptq_state, name, path,
                                        progress=lambda done, total: bar.update_absolute(done, total),
                                        cancel=glue.check_interrupt)
-        for w in report.warnings:
-            log.warning("HiF4: %s", w)
+        texts = [tell(w, logging.WARNING)["text"][0] for w in report.warnings]
+        texts += tell(f"saved packed HiF4 model {os.path.join(FOLDER, subfolder, filename)} ({name} expert); "
+                      "load it with Load HiF4 Diffusion Model (press R)")["text"]
         return {"ui": {"hifloat4_models": [{"filename": filename, "subfolder": subfolder, "type": FOLDER}],
-                       "text": [report.summary()]}}
+                       "text": texts + [report.summary()]}}

@@ -1,5 +1,6 @@
 """Pure decisions the nodes make: the expert handoff step, prompt lists, state file
-names, which expert of a PTQ state a model is. No ComfyUI import here, so all of it
+names, what to say when no file is picked (which expert of a PTQ state fits a model
+is hifloat4.experts, shared with the CLI). No ComfyUI import here, so all of it
 is unit-tested on plain CPU torch.
 """
 from __future__ import annotations
@@ -8,8 +9,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-EXPERTS = ("auto", "high_noise", "low_noise", "single")
-HIGH, LOW, SINGLE = "high_noise", "low_noise", "single"
+from hifloat4.experts import EXPERTS, HIGH, LOW, SINGLE  # noqa: F401  (the nodes' expert choices)
 
 # Wan2.2 switches from the high-noise to the low-noise expert when the timestep
 # t/1000 (= sigma for ComfyUI's flow sampling) drops below this boundary.
@@ -104,32 +104,22 @@ def state_filename(base: str, counter: int) -> str:
     return f"{base}_{counter:0{_COUNTER_DIGITS}d}{STATE_EXT}"
 
 
-def is_state_name(name: str) -> bool:
-    return name.lower().endswith(STATE_EXT)
+def is_state_name(name) -> bool:
+    return isinstance(name, str) and name.lower().endswith(STATE_EXT)
+
+
+def unpicked_file(value, available: Sequence[str], what: str, folders: Sequence[str], how_to_make: str) -> str | None:
+    """What to do when a file list input has no file picked, else None. The frontend
+    sends no value (or null) for an empty list, so the usual message would be a Python
+    error; this one says where files are looked for and how to get one."""
+    if isinstance(value, str) and value:
+        return None
+    if not available:
+        return f"no {what} in {', '.join(folders)}: {how_to_make}, then press R to refresh the list"
+    return f"no {what} picked: choose one of the {len(available)} in the list"
 
 
 # --------------------------------------------------------------------------- experts
-
-def expert_for_request(requested: str, available: Sequence[str], matched: str | None,
-                       explanation: str = "") -> str:
-    """Which expert of a state to apply.
-
-    requested: one of EXPERTS; available: the state's expert names; matched: the
-    expert whose fingerprint matched the model (hifloat4.wan.match_fingerprint), or
-    None. "auto" needs a match; a named expert must exist in the state.
-    """
-    if requested not in EXPERTS:
-        raise ValueError(f"expert must be one of {EXPERTS}, got {requested!r}")
-    if requested == "auto":
-        if matched is None:
-            raise ValueError("the model matches no expert of this PTQ state "
-                             f"(experts: {', '.join(available)}).\n{explanation}".rstrip()
-                             + "\nPick the expert explicitly only if you are sure the weights belong to it.")
-        return matched
-    if requested not in available:
-        raise ValueError(f"this PTQ state has no {requested!r} expert; it has: {', '.join(available)}")
-    return requested
-
 
 def video_size(latent_shape: Sequence[int]) -> dict[str, int]:
     """Pixel size of a Wan video latent [B, C, T, H, W]: the Wan2.1 VAE (16 channels)

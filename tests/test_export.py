@@ -196,16 +196,26 @@ def test_cli_refuses_a_model_the_state_does_not_describe(files, tmp_path, capsys
     save_file({k: v.bfloat16() for k, v in make_tiny_wan("t2v", seed=9, **SIZE).state_dict().items()}, str(other))
     out = str(tmp_path / "o.safetensors")
     assert hexp.main(["--model", str(other), "--state", str(files["state"]), "--out", out]) == 1
-    assert "matches no expert" in capsys.readouterr().err
+    assert "with other weights" in capsys.readouterr().err
     assert hexp.main(["--model", str(other), "--state", str(files["state"]), "--expert", HIGH, "--out", out]) == 0
     assert "weights differ" in capsys.readouterr().err  # explicit expert: warned, as Apply does
+
+
+def test_cli_refuses_another_model_type_even_with_a_named_expert(files, tmp_path, capsys):
+    i2v = tmp_path / "i2v.safetensors"
+    save_file({k: v.bfloat16() for k, v in make_tiny_wan("i2v", **SIZE).state_dict().items()}, str(i2v))
+    out = str(tmp_path / "o.safetensors")
+    assert hexp.main(["--model", str(i2v), "--state", str(files["state"]), "--expert", HIGH, "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert "made for a custom Wan2.2 T2V model" in err and "this model is a custom Wan2.2 I2V model" in err
+    assert not os.path.exists(out)
 
 
 def test_cli_refuses_unknown_experts_and_incomplete_states(files, tmp_path, capsys, ptq_state):
     out = str(tmp_path / "o.safetensors")
     state = str(files["state"])
     assert hexp.main(["--model", str(files[HIGH]), "--state", state, "--expert", "single", "--out", out]) == 1
-    assert "no 'single' expert" in capsys.readouterr().err
+    assert "no single expert" in capsys.readouterr().err
     partial = copy.deepcopy(ptq_state)
     del partial.experts[HIGH].layers["blocks.1.ffn.2"]
     path = hstate.save_state(tmp_path / "partial.safetensors", partial)

@@ -1,5 +1,5 @@
 """Specification of nodes/policy.py: the pure decisions of the ComfyUI nodes
-(expert handoff step, prompts, state file names, expert selection). Plain CPU,
+(expert handoff step, prompts, state file names, empty file lists). Plain CPU,
 no ComfyUI."""
 import importlib.util
 import pathlib
@@ -132,29 +132,25 @@ def test_video_size_of_wan21_and_wan22_latents():
     assert policy.video_size([1, 48, 31, 44, 80]) == {"width": 1280, "height": 704, "frames": 121}
 
 
-# --------------------------------------------------------------------------- experts
+# --------------------------------------------------------------------------- empty file lists
 
-def test_auto_takes_the_matched_expert():
-    assert policy.expert_for_request("auto", ["high_noise", "low_noise"], "low_noise") == "low_noise"
-
-
-def test_auto_without_a_match_refuses_and_names_the_experts_and_the_finding():
-    with pytest.raises(ValueError, match=r"(?s)high_noise, low_noise.*found t2v dim 256"):
-        policy.expert_for_request("auto", ["high_noise", "low_noise"], None, "found t2v dim 256")
+def test_empty_list_says_where_files_are_looked_for_and_how_to_make_one():
+    msg = policy.unpicked_file(None, [], "PTQ states", ["/m/calib_states", "/p/calib_states"], "run Calibrate")
+    assert msg == "no PTQ states in /m/calib_states, /p/calib_states: run Calibrate, then press R to refresh the list"
 
 
-def test_explicit_expert_must_exist_in_the_state():
-    with pytest.raises(ValueError, match="no 'single' expert"):
-        policy.expert_for_request("single", ["high_noise", "low_noise"], None)
+@pytest.mark.parametrize("value", [None, ""])
+def test_nothing_picked_from_a_list_with_files_asks_to_pick_one(value):
+    assert policy.unpicked_file(value, ["a.safetensors"], "PTQ states", ["/m"], "x") == \
+        "no PTQ states picked: choose one of the 1 in the list"
 
 
-def test_explicit_expert_is_taken_without_a_match():
-    assert policy.expert_for_request("high_noise", ["high_noise", "low_noise"], None) == "high_noise"
+def test_a_picked_name_is_left_to_the_usual_checks():
+    assert policy.unpicked_file("gone.safetensors", [], "PTQ states", ["/m"], "x") is None
 
 
-def test_unknown_expert_request_is_refused():
-    with pytest.raises(ValueError, match="one of"):
-        policy.expert_for_request("medium", ["single"], None)
+def test_is_state_name_of_a_missing_value_is_false():
+    assert not policy.is_state_name(None)
 
 
 def test_rotation_block_is_the_largest_power_of_two_dividing_k():

@@ -1,9 +1,13 @@
-"""Project-level promises: CI runs the README's test command; the package imports without ComfyUI."""
+"""Project-level promises: CI runs the README's test command; the package imports without ComfyUI;
+the Comfy Registry metadata is complete and consistent."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +33,50 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_core_imports_without_comfyui():
     code = "import sys, hifloat4; assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- Comfy Registry
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def requirement_names(lines) -> list[str]:
+    return [re.split(r"[<>=!~ ;\[]", line.strip(), maxsplit=1)[0].lower() for line in lines]
+
+
+def test_license_file_is_the_apache_2_text_pyproject_names():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    project = pyproject()["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    assert "License :: OSI Approved :: Apache Software License" in project["classifiers"]
+
+
+def test_dependencies_are_requirements_txt_without_torch():
+    """ComfyUI-Manager installs requirements.txt, the registry reads pyproject: one list.
+    Neither may name torch (pip would replace ComfyUI's CUDA build)."""
+    reqs = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    deps = pyproject()["project"]["dependencies"]
+    assert [r.split("#")[0].strip() for r in reqs] == deps
+    assert "torch" not in requirement_names(deps)
+
+
+def test_ninja_comes_only_with_the_cpu_kernel_extras():
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert "ninja" not in requirement_names(pyproject()["project"]["dependencies"])
+    assert "ninja" in requirement_names(extras["cpu"]) and "ninja" in requirement_names(extras["test"])
+    assert readme_commands()[0].split("-e ", 1)[1].startswith('".[cpu]"')  # the CPU demo builds the kernels
+
+
+def test_registry_metadata_is_complete():
+    data = pyproject()
+    comfy, project = data["tool"]["comfy"], data["project"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    repo = project["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    assert comfy["Icon"].startswith(prefix) and (ROOT / comfy["Icon"][len(prefix):]).is_file()
+    assert any(c.startswith("Operating System ::") for c in project["classifiers"])

@@ -274,24 +274,6 @@ def test_match_refuses_two_candidates_with_identical_content(pair):
     assert wan.match_fingerprint(pair["high_noise"], twins) is None
 
 
-def test_explanation_names_each_candidate_and_why(pair):
-    other = wan.fingerprint(small("i2v"))
-    text = wan.explain_match(other, pair)
-    assert "no match" in text
-    assert "high_noise:" in text and "low_noise:" in text
-    assert "patch_embedding: model [128, 36, 1, 2, 2] vs [128, 16, 1, 2, 2]" in text
-
-
-def test_explanation_names_a_differing_layer(pair):
-    other = wan.fingerprint(make_tiny_wan("t2v", dim=128, ffn_dim=512, layers=2, text_dim=64))
-    assert "layer shapes differ, e.g. blocks.0.ffn.0: model [512, 128] vs [256, 128]" in wan.explain_match(other, pair)
-
-
-def test_explanation_reports_weight_distance_for_same_shapes(pair):
-    other = wan.fingerprint(small("t2v", seed=7))
-    assert "different weights (relative distance" in wan.explain_match(other, pair)
-
-
 def test_fingerprint_of_a_non_wan_module_is_refused():
     with pytest.raises(wan.NotWanError):
         wan.fingerprint(torch.nn.Sequential(torch.nn.Linear(4, 4)))

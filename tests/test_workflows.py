@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import sys
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -30,13 +31,14 @@ FIXTURE = ROOT / "tests" / "fixtures" / "object_info_0.3.64.json"
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 import harness  # found through the sys.path insert above (stdlib-only at import time)
 
-EXPECTED = {
-    "wan22_t2v_a14b_hif4_calibrate",
-    "wan22_t2v_a14b_hif4_apply",
-    "wan22_i2v_a14b_hif4_apply",
-    "wan22_ti2v_5b_hif4_apply",
-    "wan22_t2v_a14b_bf16_vs_hif4",
-}
+# The template browser (frontend 1.27 and current) shows a custom node's template by its
+# file name alone: the name is the card's title (and, with - and _ as spaces, its text).
+T2V_CALIBRATE = "Calibrate HiF4 for Wan2.2 T2V-A14B"
+T2V_APPLY = "Wan2.2 T2V-A14B with HiF4 W4A4"
+I2V_APPLY = "Wan2.2 I2V-A14B with HiF4 W4A4"
+TI2V_APPLY = "Wan2.2 TI2V-5B with HiF4 W4A4"
+T2V_COMPARE = "Wan2.2 T2V-A14B unquantized vs HiF4 W4A4"
+EXPECTED = {T2V_CALIBRATE, T2V_APPLY, I2V_APPLY, TI2V_APPLY, T2V_COMPARE}
 # Nodes the frontend itself provides (never in /object_info, dropped from API prompts).
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 # Core nodes of newer ComfyUI releases that 0.3.64 lacks (the newest official Wan2.2
@@ -92,7 +94,8 @@ def widget_slots(info: dict) -> list[tuple[str, str, list]]:
         slots.append((name, "value", spec))
         opts = input_options(spec)
         seed_like = input_type(spec) == "INT" and name in ("seed", "noise_seed")  # the frontend's legacy rule
-        if input_type(spec) in ("INT", "COMBO") and (opts.get("control_after_generate") or seed_like):
+        # frontend 1.27 and current: `control_after_generate ?? seed_like`, so False turns it off
+        if input_type(spec) in ("INT", "COMBO") and opts.get("control_after_generate", seed_like):
             slots.append((name, "control", spec))
         if opts.get("image_upload"):
             slots.append((name, "upload", spec))
@@ -334,7 +337,7 @@ def _state_link_chain(wf):
 
 
 def test_t2v_apply_is_the_official_two_expert_structure_plus_hif4():
-    wf = load_workflow("wan22_t2v_a14b_hif4_apply")
+    wf = load_workflow(T2V_APPLY)
     counts = {t: len(of_type(wf, t)) for t in ("UNETLoader", "ModelSamplingSD3", "KSamplerAdvanced",
                                                "HiF4ApplyW4A4", "HiF4LoadPTQState", "CLIPLoader",
                                                "CLIPTextEncode", "EmptyHunyuanLatentVideo", "VAEDecode")}
@@ -348,12 +351,12 @@ def test_t2v_apply_is_the_official_two_expert_structure_plus_hif4():
     assert first["widgets_values"][8] == second["widgets_values"][7]  # end_at_step == start_at_step
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED - {"wan22_t2v_a14b_hif4_calibrate"}))
+@pytest.mark.parametrize("name", sorted(EXPECTED - {T2V_CALIBRATE}))
 def test_apply_workflows_load_a_state_and_apply_it_per_expert(name):
     wf = load_workflow(name)
     applies = _state_link_chain(wf)
     unets = of_type(wf, "UNETLoader")
-    assert len(applies) == len(unets) == (1 if "ti2v_5b" in name else 2)
+    assert len(applies) == len(unets) == (1 if name == TI2V_APPLY else 2)
 
 
 def test_state_names_match_what_the_calibration_saves():
@@ -362,9 +365,9 @@ def test_state_names_match_what_the_calibration_saves():
     def prefixes(wf):
         return {n["widgets_values"][-2] for n in of_type(wf, "HiF4CalibrateWan22", active_only=False)}
 
-    t2v_prefix = prefixes(load_workflow("wan22_t2v_a14b_hif4_calibrate"))
+    t2v_prefix = prefixes(load_workflow(T2V_CALIBRATE))
     assert len(t2v_prefix) == 1
-    for name in EXPECTED - {"wan22_t2v_a14b_hif4_calibrate"}:
+    for name in EXPECTED - {T2V_CALIBRATE}:
         wf = load_workflow(name)
         wanted = prefixes(wf) or t2v_prefix
         for load in of_type(wf, "HiF4LoadPTQState"):
@@ -373,18 +376,18 @@ def test_state_names_match_what_the_calibration_saves():
 
 def test_calibration_nodes_run_where_intended():
     """T2V: the calibrate workflow calibrates; I2V/TI2V carry a muted calibrate node."""
-    assert of_type(load_workflow("wan22_t2v_a14b_hif4_calibrate"), "HiF4CalibrateWan22")
-    for name in ("wan22_i2v_a14b_hif4_apply", "wan22_ti2v_5b_hif4_apply"):
+    assert of_type(load_workflow(T2V_CALIBRATE), "HiF4CalibrateWan22")
+    for name in (I2V_APPLY, TI2V_APPLY):
         wf = load_workflow(name)
         cal = of_type(wf, "HiF4CalibrateWan22", active_only=False)
         assert len(cal) == 1 and cal[0]["mode"] == 2
         assert cal[0]["widgets_values"][-1] == ""  # no extra prompts (I2V: they would lack the image)
-    for name in ("wan22_t2v_a14b_hif4_apply", "wan22_t2v_a14b_bf16_vs_hif4"):
+    for name in (T2V_APPLY, T2V_COMPARE):
         assert not of_type(load_workflow(name), "HiF4CalibrateWan22", active_only=False)
 
 
 def test_comparison_rows_differ_only_by_the_quantization():
-    wf = load_workflow("wan22_t2v_a14b_bf16_vs_hif4")
+    wf = load_workflow(T2V_COMPARE)
     nodes, links = nodes_by_id(wf), {link[0]: link for link in wf["links"]}
     samplers = of_type(wf, "KSamplerAdvanced")
     assert len(samplers) == 4
@@ -420,6 +423,90 @@ def test_comparison_rows_differ_only_by_the_quantization():
         == ["ModelSamplingSD3", "HiF4ApplyW4A4"]
     shown = {nodes[links[lid][3]]["type"] for o in cmp_["outputs"] for lid in o["links"]}
     assert shown == {"PreviewImage", "PreviewAny"}
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_nodes_carry_the_registry_id_and_version_manager_installs_from(name, catalogue):
+    """ComfyUI-Manager offers to install a workflow's missing nodes from each node's
+    properties.cnr_id (the Comfy Registry id) and ver; core nodes say comfy-core."""
+    project = _pyproject()["project"]
+    for n in load_workflow(name)["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        plugin = catalogue[n["type"]]["python_module"] == PLUGIN_MODULE
+        expected = (project["name"], project["version"]) if plugin else ("comfy-core", "0.3.64")
+        assert (n["properties"].get("cnr_id"), n["properties"].get("ver")) == expected, (n["id"], n["type"])
+
+
+def test_template_names_are_titles_a_person_reads():
+    for name in EXPECTED:
+        assert "_" not in name and "Wan2.2" in name and "HiF4" in name, name
+        assert (WORKFLOWS / f"{name}.jpg").is_file(), f"{name}: no thumbnail"
+
+
+def flow_simple_sigmas(shift: float, steps: int) -> list[float]:
+    """ComfyUI's "simple" schedule of a ModelSamplingSD3 (discrete flow, 1000 timesteps)."""
+    def sigma(t: float) -> float:
+        return shift * t / (1 + (shift - 1) * t)
+    table = [sigma(i / 1000) for i in range(1, 1001)]
+    return [table[-(1 + int(x * len(table) / steps))] for x in range(steps)] + [0.0]
+
+
+def _policy():
+    # by path: the name `nodes` belongs to ComfyUI's own module when ComfyUI is importable
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hifloat4_nodes_policy_wf", ROOT / "nodes" / "policy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _upstream(wf, node, input_name, node_type):
+    """The nearest node of node_type feeding `input_name` of node (following MODEL inputs)."""
+    nodes, links = nodes_by_id(wf), {link[0]: link for link in wf["links"]}
+    inp = next(i for i in node["inputs"] if i["name"] == input_name)
+    src = nodes[links[inp["link"]][1]]
+    while src["type"] != node_type:
+        src = nodes[links[next(i for i in src["inputs"] if i["type"] == "MODEL")["link"]][1]]
+    return src
+
+
+def test_wan22_t2v_boundary_with_shift_8_is_one_step_after_the_official_handover():
+    """Why the templates set switch_step: -1 (Wan2.2's boundary sigma 0.875) gives step 11
+    of 20 with shift 8 (sigma at step 10 is 0.889), the official graphs hand over at 10."""
+    sigmas = flow_simple_sigmas(8.0, 20)
+    assert round(sigmas[10], 3) == 0.889
+    assert _policy().resolve_switch_step(-1, sigmas, 0.875) == 11
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_calibration_and_generation_switch_experts_at_the_same_step(name):
+    """The state a template uses was calibrated with the expert handover its samplers use
+    (the apply-only T2V templates use the state of the T2V calibration template)."""
+    wf = load_workflow(name)
+    own = of_type(wf, "HiF4CalibrateWan22", active_only=False)
+    cal_wf = wf if own else load_workflow(T2V_CALIBRATE)
+    (cal,) = of_type(cal_wf, "HiF4CalibrateWan22", active_only=False)
+    seed, steps, cfg, sampler, scheduler, switch = cal["widgets_values"][:6]
+    firsts = [s for s in of_type(wf, "KSamplerAdvanced") if s["widgets_values"][0] == "enable"]
+    if name == TI2V_APPLY:  # one model: no handover
+        assert not firsts and not any(i["name"] == "model_low_noise" and i.get("link") for i in cal["inputs"])
+        return
+    assert firsts
+    if switch == -1:
+        shift = _upstream(cal_wf, cal, "model_high_noise", "ModelSamplingSD3")["widgets_values"][0]
+        assert scheduler == "simple", "the test computes only the simple schedule"
+        kind = "i2v" if of_type(cal_wf, "WanImageToVideo") else "t2v"
+        switch = _policy().resolve_switch_step(-1, flow_simple_sigmas(shift, steps), _policy().boundary_sigma(kind))
+    for first in firsts:
+        first_steps, first_end = first["widgets_values"][3], first["widgets_values"][8]
+        assert (first_steps, first_end) == (steps, switch), f"{name}: samplers hand over at {first_end} of " \
+            f"{first_steps} steps, the calibration at {switch} of {steps}"
 
 
 # --------------------------------------------------------------------------- real ComfyUI
@@ -487,6 +574,8 @@ def tiny_prompt(prompt: dict) -> dict:
                 if s in inp and inp[s] < 10000:
                     inp[s] = round(inp[s] * scale)
             if t == "HiF4CalibrateWan22":
+                if inp["switch_step"] >= 0:
+                    inp["switch_step"] = round(inp["switch_step"] * scale)
                 inp.pop("clip", None)
                 inp["extra_prompts"] = ""
         elif t == "VAEDecode" and inp["vae"][0] in wan22_vae:
@@ -571,7 +660,7 @@ def test_comfyui_lists_and_serves_the_workflows_as_templates(live):
     assert status == 200
     assert sorted(listing.get(harness.PLUGIN_NAME, [])) == sorted(EXPECTED), listing
     for name in EXPECTED:
-        url = f"{server.url}/api/workflow_templates/{harness.PLUGIN_NAME}/{name}.json"
+        url = f"{server.url}/api/workflow_templates/{harness.PLUGIN_NAME}/{urllib.parse.quote(name)}.json"
         with urllib.request.urlopen(url, timeout=30) as r:
             assert json.loads(r.read()) == load_workflow(name)
 
@@ -582,9 +671,9 @@ def calibrated(live, catalogue):
     calibrate workflow as a whole (with its preview), and the muted calibrate nodes of
     the I2V and TI2V workflows switched on. Each saves <prefix>_00001.safetensors."""
     server = live["server"]
-    results = {"wan22_t2v_a14b_hif4_calibrate":
-               run_ok(server, tiny_prompt(to_api(load_workflow("wan22_t2v_a14b_hif4_calibrate"), catalogue)))}
-    for name in ("wan22_i2v_a14b_hif4_apply", "wan22_ti2v_5b_hif4_apply"):
+    results = {T2V_CALIBRATE:
+               run_ok(server, tiny_prompt(to_api(load_workflow(T2V_CALIBRATE), catalogue)))}
+    for name in (I2V_APPLY, TI2V_APPLY):
         prompt, _ = unmuted_calibration(name, catalogue)
         results[name] = run_ok(server, tiny_prompt(prompt))
     saved = sorted(p.name for p in (live["models"] / "calib_states").iterdir())
@@ -596,29 +685,29 @@ def calibrated(live, catalogue):
 @comfyui
 @needs_comfy
 def test_calibrate_workflow_saves_a_state_and_renders_a_preview(calibrated, catalogue):
-    result = calibrated["wan22_t2v_a14b_hif4_calibrate"]
+    result = calibrated[T2V_CALIBRATE]
     assert [s["filename"] for s in result.saved_states()] == ["wan22_t2v_a14b_hif4_00001.safetensors"]
-    wf = load_workflow("wan22_t2v_a14b_hif4_calibrate")
+    wf = load_workflow(T2V_CALIBRATE)
     save = str(of_type(wf, "SaveVideo")[0]["id"])
     assert save in result.outputs, result.describe()
 
 
 @comfyui
 @needs_comfy
-@pytest.mark.parametrize("name", sorted(EXPECTED - {"wan22_t2v_a14b_hif4_calibrate"}))
+@pytest.mark.parametrize("name", sorted(EXPECTED - {T2V_CALIBRATE}))
 def test_workflow_runs_in_comfyui(name, live, calibrated, catalogue):
     wf = load_workflow(name)
     prompt = tiny_prompt(to_api(wf, catalogue))
     assert any(n["class_type"] == "HiF4ApplyW4A4" for n in prompt.values())
     digests = {}
-    if name == "wan22_t2v_a14b_bf16_vs_hif4":  # also look at both rows
+    if name == T2V_COMPARE:  # also look at both rows
         for d in of_type(wf, "VAEDecode"):
             label = "hif4" if "HiF4" in d.get("title", "") else "plain"
             digests[label] = str(1000 + d["id"])
             prompt[digests[label]] = harness.node("HarnessImageDigest", images=[str(d["id"]), 0], label=label)
     result = run_ok(live["server"], prompt)
     outputs = [str(n["id"]) for n in of_type(wf, "SaveVideo")]
-    if "ti2v_5b" in name:  # decoded by a digest instead (see tiny_prompt)
+    if name == TI2V_APPLY:  # decoded by a digest instead (see tiny_prompt)
         assert any(d["label"].startswith("latent_") for o in result.outputs.values()
                    for d in o.get("harness_digest", []))
     else:

@@ -133,11 +133,11 @@ def test_loader_lists_only_marked_files_and_validates_names(comfy, mods, files, 
     os.symlink(files["packed"], diffusion_dir / "hif4" / "mine.safetensors")
     os.symlink(harness_path(T2V_HIGH), diffusion_dir / T2V_HIGH)
     assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["hif4/mine.safetensors"]
-    assert node.VALIDATE_INPUTS("hif4/mine.safetensors") is True
-    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS(T2V_HIGH)
-    assert "not found" in node.VALIDATE_INPUTS("nope.safetensors")
-    assert "not found" in node.VALIDATE_INPUTS("../../" + files["packed"].name)
-    assert "are .safetensors files" in node.VALIDATE_INPUTS("x.ckpt")
+    assert node.VALIDATE_INPUTS(input_types={}, unet_name="hif4/mine.safetensors") is True
+    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS(input_types={}, unet_name=T2V_HIGH)
+    assert "not found" in node.VALIDATE_INPUTS(input_types={}, unet_name="nope.safetensors")
+    assert "not found" in node.VALIDATE_INPUTS(input_types={}, unet_name="../../" + files["packed"].name)
+    assert "are .safetensors files" in node.VALIDATE_INPUTS(input_types={}, unet_name="x.ckpt")
     model = node().load("hif4/mine.safetensors")[0]
     assert mods["packed"].is_packed_model(model)
 

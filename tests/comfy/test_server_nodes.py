@@ -115,7 +115,8 @@ def test_auto_refuses_a_model_the_state_was_not_calibrated_on(server, t2v):
     result = server.run(p)
     assert result.status == "error"
     msg = result.error()["exception_message"]
-    assert "matches no expert" in msg and "i2v" in msg and "high_noise, low_noise" in msg
+    assert "made for a custom Wan2.2 T2V model" in msg and "(high-noise and low-noise experts)" in msg
+    assert "this model is a custom Wan2.2 I2V model" in msg
 
 
 def test_explicit_expert_overrides_the_fingerprint(server, t2v):
