@@ -256,4 +256,5 @@ def test_loader_list_skips_a_fifo_and_a_hostile_header(comfy, mods, files, diffu
     (diffusion_dir / "deep.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
     node = mods["packed"].HiF4LoadDiffusionModel
     assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["mine.safetensors"]
-    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS("pipe.safetensors")
+    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS("deep.safetensors")
+    assert node.VALIDATE_INPUTS("pipe.safetensors") is not True
