@@ -289,11 +289,13 @@ def order_quantization_last(model) -> bool:
     return moved
 
 
-def quantize_last_wrapper(executor, model, noise_shape, conds, model_options=None):
-    """PREPARE_SAMPLING wrapper: runs before ComfyUI loads (and patches) the model."""
+def quantize_last_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper: runs before ComfyUI loads (and patches) the model.
+    Everything after `conds` (model_options; force_full_load/force_offload since
+    ComfyUI 0.6) is passed through untouched."""
     if order_quantization_last(model):
         log.info("HiF4: moved LoRA/weight patches added after 'Apply HiFloat4 W4A4' before the quantization")
-    return executor(model, noise_shape, conds, model_options=model_options)
+    return executor(model, noise_shape, conds, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -168,10 +168,11 @@ def check_packed_model(model) -> None:
                          + (f" and {len(touched) - 1} more)" if len(touched) > 1 else ")"))
 
 
-def guard_wrapper(executor, model, noise_shape, conds, model_options=None):
-    """PREPARE_SAMPLING wrapper of packed models: runs before ComfyUI loads/patches them."""
+def guard_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper of packed models: runs before ComfyUI loads/patches them
+    (the arguments after `conds` differ between ComfyUI versions and pass through)."""
     check_packed_model(model)
-    return executor(model, noise_shape, conds, model_options=model_options)
+    return executor(model, noise_shape, conds, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- loading
