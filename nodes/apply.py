@@ -1,21 +1,17 @@
 """HiF4ApplyW4A4: a clone of the MODEL running its main Linears as HiF4 W4A4."""
 from __future__ import annotations
 
-import logging
-
 from hifloat4 import rotation as hrotation
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
-from . import comfy_glue as glue
+from . import comfy_adapter as adapter
 from . import policy
 
 CATEGORY = "hifloat4"
 AS_CALIBRATED = "as calibrated"
 STATISTICS = (AS_CALIBRATED, "tail", "max", "none")
 ROTATIONS = (AS_CALIBRATED, "off", "hadamard")
-
-log = logging.getLogger("hifloat4")
 
 
 class HiF4ApplyW4A4:
@@ -51,36 +47,17 @@ class HiF4ApplyW4A4:
 
     def apply(self, model, ptq_state, expert, alpha=-1.0, statistic=AS_CALIBRATED, rotation=AS_CALIBRATED,
               rotation_block=512):
-        from .packed import is_packed_model  # imported here: nodes.packed imports this module
-
-        if is_packed_model(model):
+        if adapter.is_packed_model(model):
             raise ValueError("this MODEL comes from a packed HiF4 checkpoint (Load HiF4 Diffusion Model): it "
                              "already runs W4A4, so there is nothing to apply; connect it to the sampler directly")
-        name = self._select_expert(model, ptq_state, expert)
-        hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(glue.wan_root(model)))
+        name = adapter.select_expert(model, ptq_state, expert)
+        hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(adapter.wan_root(model)))
         state = ptq_state
         if alpha >= 0 or statistic != AS_CALIBRATED:
             state = hstate.remask(ptq_state, alpha=None if alpha < 0 else alpha,
                                   statistic=None if statistic == AS_CALIBRATED else statistic)
         masks = {ln: ls.mask for ln, ls in state.experts[name].layers.items()}
-        return (glue.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block)),)
-
-    @staticmethod
-    def _select_expert(model, state, expert) -> str:
-        fp = glue.model_fingerprint(model)
-        candidates = {n: ex.fingerprint for n, ex in state.experts.items()}
-        matched = hwan.match_fingerprint(fp, candidates) if expert == "auto" else None
-        explanation = hwan.explain_match(fp, candidates) if expert == "auto" and matched is None else ""
-        if explanation:
-            try:
-                explanation = f"found {hwan.detect_variant(glue.wan_root(model)).describe()}\n{explanation}"
-            except ValueError as e:
-                explanation = f"found: {e}\n{explanation}"
-        name = policy.expert_for_request(expert, state.expert_names, matched, explanation)
-        if expert != "auto" and hwan.match_fingerprint(fp, {name: candidates[name]}) is None:
-            log.warning("HiF4: the model's weights differ from the %r expert the state was calibrated on "
-                        "(applying as requested)", name)
-        return name
+        return (adapter.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block)),)
 
     @staticmethod
     def _rotation_for(stored, choice, block):

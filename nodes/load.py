@@ -5,7 +5,7 @@ import hashlib
 
 from hifloat4 import state as hstate
 
-from . import comfy_glue as glue
+from . import comfy_adapter as adapter
 from . import policy
 
 CATEGORY = "hifloat4"
@@ -22,7 +22,7 @@ def _file_sha256(path: str) -> str:
 class HiF4LoadPTQState:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"state_name": (glue.state_names(), {
+        return {"required": {"state_name": (adapter.file_names(adapter.STATES), {
             "tooltip": "A .safetensors PTQ state in models/calib_states or the plugin's calib_states."})}}
 
     RETURN_TYPES = ("PTQ_STATE",)
@@ -36,10 +36,10 @@ class HiF4LoadPTQState:
 
     @staticmethod
     def _path(state_name) -> str:
-        path = glue.state_path(state_name) if policy.is_state_name(state_name) else None
+        path = adapter.file_path(adapter.STATES, state_name) if policy.is_state_name(state_name) else None
         if path is None:
             raise FileNotFoundError(f"PTQ state {state_name!r} not found in calib_states "
-                                    f"({', '.join(glue.state_folders())})")
+                                    f"({', '.join(adapter.folders(adapter.STATES))})")
         return path
 
     @classmethod

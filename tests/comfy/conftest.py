@@ -47,14 +47,14 @@ def comfy():
     args.cpu = True
     mods = {name: importlib.import_module(name) for name in
             ("folder_paths", "comfy.sd", "comfy.model_management", "comfy.model_patcher", "comfy.lora",
-             "comfy.ops")}
+             "comfy.ops", "comfy.patcher_extension")}
     spec = importlib.util.spec_from_file_location("comfyui_hifloat4", harness.REPO / "__init__.py",
                                                   submodule_search_locations=[str(harness.REPO)])
     plugin = sys.modules.get("comfyui_hifloat4") or importlib.util.module_from_spec(spec)
     if "comfyui_hifloat4" not in sys.modules:
         sys.modules["comfyui_hifloat4"] = plugin
         spec.loader.exec_module(plugin)
-    mods["glue"] = importlib.import_module("comfyui_hifloat4.nodes.comfy_glue")
+    mods["adapter"] = importlib.import_module("comfyui_hifloat4.nodes.comfy_adapter")
     mods["linear"] = importlib.import_module("hifloat4.linear")
     yield mods
     mods["comfy.model_management"].unload_all_models()
