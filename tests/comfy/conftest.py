@@ -43,7 +43,12 @@ def comfy():
     """ComfyUI imported in-process (CPU), and the plugin imported the way ComfyUI does."""
     pytest.importorskip("aiohttp", reason="this interpreter lacks ComfyUI's dependencies (use the ComfyUI venv)")
     sys.path.insert(0, os.environ["COMFYUI_DIR"])
-    from comfy.cli_args import args
+    try:
+        from comfy.cli_args import args
+    except ModuleNotFoundError:
+        shadow = getattr(sys.modules.get("comfy"), "__file__", None)
+        pytest.fail(f"'import comfy' finds {shadow}, not ComfyUI's package: run the tests from a checkout "
+                    "whose folder is not named 'comfy' (pytest puts the folder above a package root on sys.path)")
     args.cpu = True
     mods = {name: importlib.import_module(name) for name in
             ("folder_paths", "comfy.sd", "comfy.model_management", "comfy.model_patcher", "comfy.lora",
