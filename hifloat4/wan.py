@@ -53,11 +53,21 @@ class NotWanError(ValueError):
 
 # --------------------------------------------------------------------------- shapes
 
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or a module that computes like one without subclassing it (ComfyUI's
+    mixed-precision Linear holding a quantized weight tensor): integer in/out
+    features and a weight of shape (out, in)."""
+    if isinstance(m, nn.Linear):
+        return True
+    w = getattr(m, "weight", None)
+    return (isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)
+            and isinstance(w, Tensor) and tuple(w.shape) == (m.out_features, m.in_features))
+
+
 def _raw_entries(obj: WanLike) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
     """(Linear name -> (out, in), parameter key -> shape), unprefixed names as given."""
     if isinstance(obj, nn.Module):
-        linears = {n: (m.out_features, m.in_features) for n, m in obj.named_modules()
-                   if isinstance(m, nn.Linear)}
+        linears = {n: (m.out_features, m.in_features) for n, m in obj.named_modules() if is_linear(m)}
         params = {n: tuple(p.shape) for n, p in obj.named_parameters()}
         return linears, params
     if not isinstance(obj, Mapping):

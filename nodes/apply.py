@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from hifloat4 import experts as hexperts
 from hifloat4 import rotation as hrotation
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
-from . import comfy_glue as glue
+from . import comfy_adapter as adapter
 from . import policy
-from .ui_text import tell
 
 CATEGORY = "hifloat4"
 AS_CALIBRATED = "as calibrated"
@@ -57,29 +55,21 @@ class HiF4ApplyW4A4:
 
     def apply(self, model, ptq_state, expert, alpha=-1.0, statistic=AS_CALIBRATED, rotation=AS_CALIBRATED,
               rotation_block=512):
-        from .packed import is_packed_model  # imported here: nodes.packed imports this module
-
-        if is_packed_model(model):
+        if adapter.is_packed_model(model):
             raise ValueError("this MODEL comes from a packed HiF4 checkpoint (Load HiF4 Diffusion Model): it "
                              "already runs W4A4, so there is nothing to apply; connect it to the sampler directly")
-        choice = self._select_expert(model, ptq_state, expert)
+        choice = adapter.select_expert(model, ptq_state, expert)
         name = choice.name
-        hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(glue.wan_root(model)))
+        hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(adapter.wan_root(model)))
         state = ptq_state
         if alpha >= 0 or statistic != AS_CALIBRATED:
             state = hstate.remask(ptq_state, alpha=None if alpha < 0 else alpha,
                                   statistic=None if statistic == AS_CALIBRATED else statistic)
         masks = {ln: ls.mask for ln, ls in state.experts[name].layers.items()}
-        out = glue.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block))
+        out = adapter.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block))
         if choice.warning:
-            return {"ui": tell(choice.warning, logging.WARNING), "result": (out,)}
+            return {"ui": adapter.tell(choice.warning, logging.WARNING), "result": (out,)}
         return (out,)
-
-    @staticmethod
-    def _select_expert(model, state, expert) -> hexperts.ExpertChoice:
-        """hifloat4.experts.choose_expert on this MODEL's weights (refuses another model type)."""
-        candidates = {n: ex.fingerprint for n, ex in state.experts.items()}
-        return hexperts.choose_expert(glue.model_fingerprint(model), candidates, expert)
 
     @staticmethod
     def _rotation_for(stored, choice, block):

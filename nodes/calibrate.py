@@ -6,16 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 
-import comfy.samplers
-
 from hifloat4 import smoothing as hsmoothing
 from hifloat4 import safefile
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
-from . import comfy_glue as glue
+from . import comfy_adapter as adapter
 from . import policy
-from .ui_text import tell
 
 CATEGORY = "hifloat4"
 
@@ -40,9 +37,9 @@ class HiF4CalibrateWan22:
                                   "tooltip": "Sampling steps per prompt; use what you generate with."}),
                 "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale; use what you generate with."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {
+                "sampler_name": (adapter.sampler_names(), {
                     "default": "euler", "tooltip": "Sampler, as in KSampler; use what you generate with."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
+                "scheduler": (adapter.scheduler_names(), {
                     "default": "simple", "tooltip": "Scheduler, as in KSampler; use what you generate with."}),
                 "switch_step": ("INT", {"default": -1, "min": -1, "max": 10000,
                                         "tooltip": "Step at which the low-noise expert takes over: set it to the "
@@ -80,29 +77,27 @@ class HiF4CalibrateWan22:
                   extra_prompts=""):
         high, low = model_high_noise, model_low_noise
         policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
-        from .packed import is_packed_model  # imported here: nodes.packed imports the apply node
-
         for m in (high, low):
-            if m is not None and (glue.is_quantized(m) or is_packed_model(m)):
+            if m is not None and (adapter.is_quantized(m) or adapter.is_packed_model(m)):
                 raise ValueError("calibrate the original model, not the output of 'Apply HiFloat4 W4A4' "
                                  "or a packed HiF4 checkpoint")
-        variant = hwan.detect_variant(glue.wan_root(high))
+        variant = hwan.detect_variant(adapter.wan_root(high))
         if low is not None:
-            low_variant = hwan.detect_variant(glue.wan_root(low))
-            if hwan.linear_shapes(glue.wan_root(low)) != hwan.linear_shapes(glue.wan_root(high)):
+            low_variant = hwan.detect_variant(adapter.wan_root(low))
+            if hwan.linear_shapes(adapter.wan_root(low)) != hwan.linear_shapes(adapter.wan_root(high)):
                 raise ValueError(f"the two experts differ: high-noise is {variant.describe()}, "
                                  f"low-noise is {low_variant.describe()}")
         texts = policy.split_prompts(extra_prompts)
         if texts and clip is None:
             raise ValueError("extra_prompts needs the clip input to encode them")
-        conds = [positive] + [policy.like_main_prompt(glue.encode_prompt(clip, t), positive) for t in texts]
+        conds = [positive] + [policy.like_main_prompt(adapter.encode_prompt(clip, t), positive) for t in texts]
 
         settings = {"prompts": len(conds), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
                     "cfg": cfg, "seed": seed, "latent_shape": list(latent_image["samples"].shape),
                     **policy.video_size(latent_image["samples"].shape)}
         if low is not None:
             boundary = policy.boundary_sigma(variant.kind) if switch_step == -1 else None
-            sigmas = glue.schedule_sigmas(high, steps, sampler_name, scheduler)
+            sigmas = adapter.schedule_sigmas(high, steps, sampler_name, scheduler)
             switch = policy.resolve_switch_step(switch_step, sigmas, boundary)
             settings.update(switch_step=switch, boundary_sigma=boundary)
             experts = {policy.HIGH: high, policy.LOW: low}
@@ -110,12 +105,12 @@ class HiF4CalibrateWan22:
             switch = None
             experts = {policy.SINGLE: high}
 
-        progress = glue.Progress(len(conds) * steps)
+        progress = adapter.Progress(len(conds) * steps)
         with contextlib.ExitStack() as stack:
-            sessions = {name: stack.enter_context(glue.CalibrationSession(m, percentile))
+            sessions = {name: stack.enter_context(adapter.CalibrationSession(m, percentile))
                         for name, m in experts.items()}
             for i, cond in enumerate(conds):
-                glue.check_interrupt()
+                adapter.check_interrupt()
                 self._sample_prompt(sessions, cond, negative, latent_image, policy.prompt_seed(seed, i), steps,
                                     cfg, sampler_name, scheduler, switch, progress)
             stats = {name: s.statistics() for name, s in sessions.items()}
@@ -127,9 +122,9 @@ class HiF4CalibrateWan22:
             alpha=float(alpha), percentile=float(percentile), statistic="tail", rotation=None,
             model_family=variant.family, model_variant=variant.variant, calibration=settings)
         name, subfolder = self._save(state, filename_prefix)
-        written = tell(f"saved PTQ state {os.path.join(glue.FOLDER, subfolder, name)} ({', '.join(experts)}; "
+        written = adapter.tell(f"saved PTQ state {os.path.join(adapter.STATES, subfolder, name)} ({', '.join(experts)}; "
                        f"{len(conds)} prompt(s) x {steps} steps); press R so Load PTQ State lists it")
-        return {"ui": {"hifloat4_states": [{"filename": name, "subfolder": subfolder, "type": glue.FOLDER}],
+        return {"ui": {"hifloat4_states": [{"filename": name, "subfolder": subfolder, "type": adapter.STATES}],
                        **written},
                 "result": (state,)}
 
@@ -139,32 +134,32 @@ class HiF4CalibrateWan22:
         common = dict(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=cond,
                       negative=negative, on_step=progress.step)
         if switch is None:
-            glue.sample_segment(sessions[policy.SINGLE].clone, latent, seed, start_step=None, last_step=None,
+            adapter.sample_segment(sessions[policy.SINGLE].clone, latent, seed, start_step=None, last_step=None,
                                 add_noise=True, force_full_denoise=True, **common)
             progress.advance(steps)
             return
         # KSamplerAdvanced pair: high noise keeps its leftover noise, low noise finishes
-        mid = glue.sample_segment(sessions[policy.HIGH].clone, latent, seed, start_step=0, last_step=switch,
+        mid = adapter.sample_segment(sessions[policy.HIGH].clone, latent, seed, start_step=0, last_step=switch,
                                   add_noise=True, force_full_denoise=False, **common)
         progress.advance(switch)
-        glue.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
+        adapter.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
                             add_noise=False, force_full_denoise=True, **common)
         progress.advance(steps - switch)
 
     @staticmethod
     def _expert_state(model, stats, alpha) -> hstate.ExpertState:
-        modules = glue.linear_modules(model, list(stats))
+        modules = adapter.linear_modules(model, list(stats))
         layers = {}
         for name, st in stats.items():
-            wmax = hsmoothing.weight_absmax(glue.effective_weight(model, name, modules[name]))
+            wmax = hsmoothing.weight_absmax(adapter.effective_weight(model, name, modules[name]))
             layers[name] = hstate.make_layer_state(wmax, st.absmax, st.tail, alpha=float(alpha), statistic="tail")
-        return hstate.ExpertState(layers=layers, fingerprint=glue.model_fingerprint(model))
+        return hstate.ExpertState(layers=layers, fingerprint=adapter.model_fingerprint(model))
 
     @staticmethod
     def _save(state, filename_prefix) -> tuple[str, str]:
         subfolder, base = policy.split_prefix(filename_prefix)
-        root = glue.save_dir()
-        folder = safefile.output_folder(root, subfolder, what=glue.FOLDER, error=hstate.PTQStateError)
+        root = adapter.save_dir(adapter.STATES)
+        folder = safefile.output_folder(root, subfolder, what=adapter.STATES, error=hstate.PTQStateError)
         name = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
         hstate.save_state(hstate.safe_state_path(folder, name), state)
         return name, subfolder

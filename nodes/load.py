@@ -4,21 +4,21 @@ from __future__ import annotations
 from hifloat4 import safefile
 from hifloat4 import state as hstate
 
-from . import comfy_glue as glue
+from . import comfy_adapter as adapter
 from . import policy
 
 CATEGORY = "hifloat4"
 
 
 def _unpicked(state_name) -> str | None:
-    return policy.unpicked_file(state_name, glue.state_names(), "PTQ states", glue.state_folders(),
+    return policy.unpicked_file(state_name, adapter.file_names(adapter.STATES), "PTQ states", adapter.folders(adapter.STATES),
                                 "run Calibrate Wan2.2 HiF4 (or copy a shared state there)")
 
 
 class HiF4LoadPTQState:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"state_name": (glue.state_names(), {
+        return {"required": {"state_name": (adapter.file_names(adapter.STATES), {
             "tooltip": "A .safetensors PTQ state in models/calib_states or the plugin's calib_states."})}}
 
     RETURN_TYPES = ("PTQ_STATE",)
@@ -35,10 +35,10 @@ class HiF4LoadPTQState:
 
     @staticmethod
     def _path(state_name) -> str:
-        path = glue.state_path(state_name) if policy.is_state_name(state_name) else None
+        path = adapter.file_path(adapter.STATES, state_name) if policy.is_state_name(state_name) else None
         if path is None:
             raise FileNotFoundError(f"PTQ state {state_name!r} not found in calib_states "
-                                    f"({', '.join(glue.state_folders())})")
+                                    f"({', '.join(adapter.folders(adapter.STATES))})")
         return path
 
     @classmethod

@@ -116,6 +116,27 @@ def test_linear_shapes_are_out_in(tiny):
     assert shapes["blocks.0.ffn.0"] == (512, 256) and shapes["text_embedding.0"] == (256, 4096)
 
 
+class _LinearLikeOp(torch.nn.Module):
+    """Computes like a Linear without subclassing nn.Linear (as ComfyUI's mixed-precision ops do)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.zeros(out_features, in_features))
+
+
+def test_linear_like_modules_that_do_not_subclass_nn_linear_are_layers(tiny):
+    model = make_tiny_wan("t2v", layers=3)
+    model.blocks[1].ffn[0] = _LinearLikeOp(256, 512)
+    assert wan.linear_shapes(model) == wan.linear_shapes(tiny)
+
+
+def test_a_module_whose_weight_does_not_fit_its_features_is_not_a_linear():
+    op = _LinearLikeOp(4, 3)
+    op.in_features = 5
+    assert not wan.is_linear(op) and wan.is_linear(torch.nn.Linear(2, 3))
+
+
 # --------------------------------------------------------------------------- variant
 
 def test_detects_t2v_a14b(t2v_a14b):

@@ -1,16 +1,19 @@
 """The example workflows in workflows/ (ComfyUI UI format 0.4, served as templates).
 
 Plain CPU CI (no ComfyUI): every workflow is checked against a snapshot of the node
-catalogue of ComfyUI 0.3.64 with this plugin loaded (tests/fixtures/object_info_0.3.64.json,
-from `../shared/comfy_harness/run_prompt.py --object-info`, trimmed to the node types
-the workflows use): node types exist, links are type-correct and consistent, widget
-values fit the widgets, required inputs are connected.
+catalogue of each tested ComfyUI version with this plugin loaded
+(tests/fixtures/object_info_<version>.json, from `../shared/comfy_harness/run_prompt.py
+--object-info`, trimmed to this plugin's nodes and the core node types the workflows
+use): node types exist, links are type-correct and consistent, widget values fit the
+widgets, required inputs are connected.
 
-Marked `comfyui` (needs COMFYUI_DIR and the tiny harness models): the snapshot still
-matches the live catalogue, ComfyUI lists and serves the workflows as templates, and
-each workflow, converted to an API prompt the way the frontend does (with the tiny
-models and random conditioning substituted), validates and runs in the real server.
-Set HIF4_UPDATE_OBJECT_INFO=1 to rewrite the snapshot from the live server.
+Marked `comfyui` (needs COMFYUI_DIR and the tiny harness models): the snapshot of the
+running version still matches its live catalogue (the plugin's nodes and the core nodes
+the workflows use *now*; the rest of core churns every release and is not compared),
+ComfyUI lists and serves the workflows as templates, and each workflow, converted to
+an API prompt the way the frontend does (with the tiny models and random conditioning
+substituted), validates and runs in the real server.
+Set HIF4_UPDATE_OBJECT_INFO=1 to (re)write the running version's snapshot from the live server.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
-FIXTURE = ROOT / "tests" / "fixtures" / "object_info_0.3.64.json"
+FIXTURES = ROOT / "tests" / "fixtures"
+TESTED_VERSIONS = ("0.3.64", "0.33.0")  # one snapshot each; the oldest is what the workflows must run on
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 import harness  # found through the sys.path insert above (stdlib-only at import time)
 
@@ -55,14 +59,26 @@ PLUGIN_MODULE = "custom_nodes.comfyui-hifloat4"
 
 # --------------------------------------------------------------------------- catalogue helpers
 
-def load_catalogue() -> dict:
-    with open(FIXTURE, encoding="utf-8") as f:
+def fixture_path(version: str) -> pathlib.Path:
+    return FIXTURES / f"object_info_{version}.json"
+
+
+def load_catalogue(version: str = TESTED_VERSIONS[0]) -> dict:
+    with open(fixture_path(version), encoding="utf-8") as f:
         data = json.load(f)
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
+def workflow_node_types() -> set[str]:
+    """The node types the shipped workflows use (read now: the workflows may change)."""
+    return {n["type"] for name in workflow_names() for n in load_workflow(name)["nodes"]} - FRONTEND_ONLY
+
+
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # newer ComfyUI: a combo whose options bring their own inputs
+
+
 def input_type(spec) -> str:
-    return "COMBO" if isinstance(spec[0], list) else spec[0]
+    return "COMBO" if isinstance(spec[0], list) or spec[0] == DYNAMIC_COMBO else spec[0]
 
 
 def input_options(spec) -> dict:
@@ -70,7 +86,8 @@ def input_options(spec) -> dict:
 
 
 def combo_options(spec) -> list | None:
-    return spec[0] if isinstance(spec[0], list) else input_options(spec).get("options")
+    options = spec[0] if isinstance(spec[0], list) else input_options(spec).get("options")
+    return [o["key"] for o in options] if spec[0] == DYNAMIC_COMBO else options
 
 
 def all_inputs(info: dict) -> list[tuple[str, list, bool]]:
@@ -86,9 +103,13 @@ def is_widget(spec) -> bool:
 
 def widget_slots(info: dict) -> list[tuple[str, str, list]]:
     """The frontend's widgets_values layout: (input name, kind, spec), kind "value",
-    "control" (control_after_generate, after seed-like INTs) or "upload" (image upload)."""
+    "control" (control_after_generate, after seed-like INTs) or "upload" (image upload).
+    Hidden inputs have no widget; a dynamic combo is followed by the widgets of its first
+    (default) option, which is what the shipped workflows select."""
     slots = []
     for name, spec, _ in all_inputs(info):
+        if input_options(spec).get("hidden"):
+            continue
         if not is_widget(spec):
             continue
         slots.append((name, "value", spec))
@@ -99,6 +120,9 @@ def widget_slots(info: dict) -> list[tuple[str, str, list]]:
             slots.append((name, "control", spec))
         if opts.get("image_upload"):
             slots.append((name, "upload", spec))
+        if spec[0] == DYNAMIC_COMBO:
+            nested = opts["options"][0]["inputs"]
+            slots += widget_slots({"input": nested, "input_order": {k: list(v) for k, v in nested.items()}})
     return slots
 
 
@@ -181,9 +205,10 @@ def to_api(wf: dict, catalogue: dict) -> dict:
 
 # --------------------------------------------------------------------------- plain CPU checks
 
-@pytest.fixture(scope="module")
-def catalogue():
-    return load_catalogue()
+@pytest.fixture(scope="module", params=TESTED_VERSIONS)
+def catalogue(request):
+    """Each tested version's snapshot: the workflows must be valid on all of them."""
+    return load_catalogue(request.param)
 
 
 def test_the_expected_workflows_are_there():
@@ -192,13 +217,16 @@ def test_the_expected_workflows_are_there():
     assert not stray, f"unexpected files in workflows/: {stray}"
 
 
-def test_fixture_is_a_trimmed_0_3_64_catalogue_with_the_plugin(catalogue):
-    meta = json.loads(FIXTURE.read_text(encoding="utf-8"))["_meta"]
-    assert meta["comfyui_version"] == "0.3.64"
-    assert {"HiF4CalibrateWan22", "HiF4LoadPTQState", "HiF4ApplyW4A4"} <= set(catalogue)
-    assert FIXTURE.stat().st_size < 200_000
-    used = {n["type"] for name in EXPECTED for n in load_workflow(name)["nodes"]} - FRONTEND_ONLY
-    assert used <= set(catalogue)
+@pytest.mark.parametrize("version", TESTED_VERSIONS)
+def test_fixture_is_a_trimmed_catalogue_of_its_version_with_the_plugin(version):
+    meta = json.loads(fixture_path(version).read_text(encoding="utf-8"))["_meta"]
+    catalogue = load_catalogue(version)
+    assert meta["comfyui_version"] == version
+    plugin = {t for t, info in catalogue.items() if info["python_module"] == PLUGIN_MODULE}
+    assert {"HiF4CalibrateWan22", "HiF4LoadPTQState", "HiF4ApplyW4A4", "HiF4SaveModel",
+            "HiF4LoadDiffusionModel", "HiF4CompareVideos"} <= plugin
+    assert fixture_path(version).stat().st_size < 200_000
+    assert workflow_node_types() <= set(catalogue)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -271,7 +299,8 @@ def test_inputs_outputs_and_widget_values_match_the_nodes(name, catalogue):
             continue
         info, where = catalogue[n["type"]], f"node {n['id']} ({n['type']})"
         outs = [(o["name"], o["type"]) for o in n["outputs"]]
-        assert outs == list(zip(info["output_name"], info["output"])), where
+        # newer releases may append outputs (0.33's SaveVideo returns its VIDEO); the frontend adds them on load
+        assert outs == list(zip(info["output_name"], info["output"]))[:len(outs)], where
         for slot, o in enumerate(n["outputs"]):
             assert o.get("slot_index", slot) == slot, where
         specs = {name: (spec, req) for name, spec, req in all_inputs(info)}
@@ -290,7 +319,10 @@ def test_inputs_outputs_and_widget_values_match_the_nodes(name, catalogue):
                 if not linked:
                     problems.append(f"{where}: required input {iname} is not connected")
         slots, values = widget_slots(info), n.get("widgets_values", [])
-        if len(slots) != len(values):
+        # a widget a newer release appended as an optional input with a default is filled in on load
+        appended = all(not specs.get(sl[0], (None, True))[1] and "default" in input_options(sl[2])
+                       for sl in slots[len(values):])
+        if len(slots) < len(values) or (len(slots) > len(values) and not appended):
             problems.append(f"{where}: {len(values)} widgets_values for {[(s[0], s[1]) for s in slots]}")
             continue
         for (iname, kind, spec), value in zip(slots, values):
@@ -635,20 +667,28 @@ def run_ok(server, prompt: dict, timeout=600):
     return result
 
 
+def live_version(server) -> str:
+    return server.http("/system_stats")[1]["system"]["comfyui_version"]
+
+
 @comfyui
 @needs_comfy
-def test_snapshot_matches_the_live_catalogue(live, catalogue):
-    full = live["server"].object_info()
+def test_snapshot_matches_the_live_catalogue(live):
+    """The plugin's nodes and the core nodes the workflows use, as the running ComfyUI
+    declares them, equal its snapshot (a version without a snapshot fails: make one)."""
+    server = live["server"]
+    full, version = server.object_info(), live_version(server)
+    used = workflow_node_types() | {t for t, info in full.items() if info["python_module"] == PLUGIN_MODULE}
+    path = fixture_path(version)
     if os.environ.get("HIF4_UPDATE_OBJECT_INFO") == "1":
-        used = {n["type"] for name in EXPECTED for n in load_workflow(name)["nodes"]} - FRONTEND_ONLY
-        used |= {"HiF4CalibrateWan22", "HiF4LoadPTQState", "HiF4ApplyW4A4"}
-        data = {"_meta": {"comfyui_version": "0.3.64", "source": "../shared/comfy_harness/run_prompt.py "
+        data = {"_meta": {"comfyui_version": version, "source": "../shared/comfy_harness/run_prompt.py "
                           "--object-info, trimmed by tests/test_workflows.py:trim_catalogue",
                           "note": "tooltips/descriptions dropped; user-file option lists emptied"},
                 **trim_catalogue(full, used)}
-        FIXTURE.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-        catalogue = load_catalogue()
-    assert trim_catalogue(full, catalogue) == catalogue, \
+        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert path.is_file(), f"no snapshot for ComfyUI {version}: rerun with HIF4_UPDATE_OBJECT_INFO=1"
+    assert version in TESTED_VERSIONS, f"add {version} to TESTED_VERSIONS"
+    assert trim_catalogue(full, used) == load_catalogue(version), \
         "the node catalogue changed: rerun with HIF4_UPDATE_OBJECT_INFO=1 and review the diff"
 
 
@@ -666,15 +706,21 @@ def test_comfyui_lists_and_serves_the_workflows_as_templates(live):
 
 
 @pytest.fixture(scope="module")
-def calibrated(live, catalogue):
+def live_catalogue(live):
+    """The snapshot of the running ComfyUI's version (the workflows run against it)."""
+    return load_catalogue(live_version(live["server"]))
+
+
+@pytest.fixture(scope="module")
+def calibrated(live, live_catalogue):
     """The three calibrations the workflows provide, run on the tiny models: the T2V
     calibrate workflow as a whole (with its preview), and the muted calibrate nodes of
     the I2V and TI2V workflows switched on. Each saves <prefix>_00001.safetensors."""
     server = live["server"]
     results = {T2V_CALIBRATE:
-               run_ok(server, tiny_prompt(to_api(load_workflow(T2V_CALIBRATE), catalogue)))}
+               run_ok(server, tiny_prompt(to_api(load_workflow(T2V_CALIBRATE), live_catalogue)))}
     for name in (I2V_APPLY, TI2V_APPLY):
-        prompt, _ = unmuted_calibration(name, catalogue)
+        prompt, _ = unmuted_calibration(name, live_catalogue)
         results[name] = run_ok(server, tiny_prompt(prompt))
     saved = sorted(p.name for p in (live["models"] / "calib_states").iterdir())
     assert saved == ["wan22_i2v_a14b_hif4_00001.safetensors", "wan22_t2v_a14b_hif4_00001.safetensors",
@@ -684,7 +730,7 @@ def calibrated(live, catalogue):
 
 @comfyui
 @needs_comfy
-def test_calibrate_workflow_saves_a_state_and_renders_a_preview(calibrated, catalogue):
+def test_calibrate_workflow_saves_a_state_and_renders_a_preview(calibrated, live_catalogue):
     result = calibrated[T2V_CALIBRATE]
     assert [s["filename"] for s in result.saved_states()] == ["wan22_t2v_a14b_hif4_00001.safetensors"]
     wf = load_workflow(T2V_CALIBRATE)
@@ -695,9 +741,9 @@ def test_calibrate_workflow_saves_a_state_and_renders_a_preview(calibrated, cata
 @comfyui
 @needs_comfy
 @pytest.mark.parametrize("name", sorted(EXPECTED - {T2V_CALIBRATE}))
-def test_workflow_runs_in_comfyui(name, live, calibrated, catalogue):
+def test_workflow_runs_in_comfyui(name, live, calibrated, live_catalogue):
     wf = load_workflow(name)
-    prompt = tiny_prompt(to_api(wf, catalogue))
+    prompt = tiny_prompt(to_api(wf, live_catalogue))
     assert any(n["class_type"] == "HiF4ApplyW4A4" for n in prompt.values())
     digests = {}
     if name == T2V_COMPARE:  # also look at both rows

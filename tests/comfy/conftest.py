@@ -43,18 +43,23 @@ def comfy():
     """ComfyUI imported in-process (CPU), and the plugin imported the way ComfyUI does."""
     pytest.importorskip("aiohttp", reason="this interpreter lacks ComfyUI's dependencies (use the ComfyUI venv)")
     sys.path.insert(0, os.environ["COMFYUI_DIR"])
-    from comfy.cli_args import args
+    try:
+        from comfy.cli_args import args
+    except ModuleNotFoundError:
+        shadow = getattr(sys.modules.get("comfy"), "__file__", None)
+        pytest.fail(f"'import comfy' finds {shadow}, not ComfyUI's package: run the tests from a checkout "
+                    "whose folder is not named 'comfy' (pytest puts the folder above a package root on sys.path)")
     args.cpu = True
     mods = {name: importlib.import_module(name) for name in
             ("folder_paths", "comfy.sd", "comfy.model_management", "comfy.model_patcher", "comfy.lora",
-             "comfy.ops")}
+             "comfy.ops", "comfy.patcher_extension")}
     spec = importlib.util.spec_from_file_location("comfyui_hifloat4", harness.REPO / "__init__.py",
                                                   submodule_search_locations=[str(harness.REPO)])
     plugin = sys.modules.get("comfyui_hifloat4") or importlib.util.module_from_spec(spec)
     if "comfyui_hifloat4" not in sys.modules:
         sys.modules["comfyui_hifloat4"] = plugin
         spec.loader.exec_module(plugin)
-    mods["glue"] = importlib.import_module("comfyui_hifloat4.nodes.comfy_glue")
+    mods["adapter"] = importlib.import_module("comfyui_hifloat4.nodes.comfy_adapter")
     mods["linear"] = importlib.import_module("hifloat4.linear")
     yield mods
     mods["comfy.model_management"].unload_all_models()

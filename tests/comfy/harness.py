@@ -19,7 +19,8 @@ import uuid
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
-HARNESS = SHARED / "comfy_harness"
+# COMFY_HARNESS_DIR: the comfy_harness elsewhere (e.g. from a git worktree, whose parent has no shared/)
+HARNESS = pathlib.Path(os.environ.get("COMFY_HARNESS_DIR") or SHARED / "comfy_harness")
 PLUGIN_NAME = "comfyui-hifloat4"
 PROMPTS = pathlib.Path(__file__).resolve().parent / "prompts"
 TINY_MODELS = ("tiny_wan2.2_t2v_high_noise.safetensors", "tiny_wan2.2_t2v_low_noise.safetensors",

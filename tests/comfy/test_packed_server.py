@@ -134,3 +134,20 @@ def test_save_node_writes_a_checkpoint_the_loader_runs_like_the_cli_export(fresh
                                             unet_name="hif4packed/saved_high_00001.safetensors"))))
     from_cli = ok(fresh.run(high_only(node("HiF4LoadDiffusionModel", unet_name=PACKED[HIGH]))))
     assert from_node.digest("high")["sha256"] == from_cli.digest("high")["sha256"]
+
+
+def test_fp8_scaled_experts_export_load_and_sample(fresh):
+    """Save HiF4 Model from the fp8_scaled experts (dequantized before packing), then the
+    two-expert graph on the saved files."""
+    fp8 = P.on_fp8_scaled({"1": node("UNETLoader", unet_name="", weight_dtype="default"),
+                           "2": node("UNETLoader", unet_name="", weight_dtype="default")})
+    p = {**fp8, "20": node("HiF4LoadPTQState", state_name=STATE),
+         "21": node("HiF4SaveModel", model=["1", 0], ptq_state=["20", 0], expert=HIGH,
+                    filename_prefix="hif4packed/fp8_high"),
+         "22": node("HiF4SaveModel", model=["2", 0], ptq_state=["20", 0], expert=LOW,
+                    filename_prefix="hif4packed/fp8_low")}
+    ok(fresh.run(p))
+    packed = ok(fresh.run(packed_prompt({HIGH: "hif4packed/fp8_high_00001.safetensors",
+                                         LOW: "hif4packed/fp8_low_00001.safetensors"}))).digest("final_latent")
+    unquantized = ok(fresh.run(P.on_fp8_scaled(P.bf16(P.T2V)))).digest("final_latent")
+    assert packed["finite"] and packed["sha256"] != unquantized["sha256"]

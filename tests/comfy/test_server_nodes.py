@@ -201,6 +201,20 @@ def test_fp8_models_run_quantized(server, t2v, workspace, source):
     assert quant["finite"] and quant["sha256"] != unquant["sha256"]
 
 
+def test_fp8_scaled_pair_calibrates_saves_applies_and_samples(server, workspace):
+    """The default Wan2.2 files are fp8_scaled: calibrate -> state file -> Load PTQ State ->
+    Apply on both experts -> sample, and the unquantized branch stays what it was."""
+    plain_before = ok(server.run(P.on_fp8_scaled(P.bf16(P.T2V, fresh=True)))).digest("final_latent")
+    quant = ok(server.run(P.on_fp8_scaled(P.calibrate_and_quantize(P.T2V, "hif4fp8/t2v")))).digest("hif4_final")
+    assert sorted(p.name for p in (workspace["models"] / "calib_states" / "hif4fp8").iterdir()) == \
+        ["t2v_00001.safetensors"]
+    loaded = ok(server.run(P.on_fp8_scaled(P.load_and_quantize(P.T2V, "hif4fp8/t2v_00001.safetensors"))))
+    plain_after = ok(server.run(P.on_fp8_scaled(P.bf16(P.T2V, fresh=True)))).digest("final_latent")
+    assert quant["finite"] and quant["sha256"] != plain_before["sha256"]
+    assert loaded.digest("hif4_final")["sha256"] == quant["sha256"]
+    assert plain_after["sha256"] == plain_before["sha256"]
+
+
 # --------------------------------------------------------------------------- cancel
 
 def test_cancel_stops_calibration_writes_nothing_and_leaves_models_clean(server, t2v, baseline_t2v, workspace):

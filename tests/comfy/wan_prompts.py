@@ -80,6 +80,19 @@ def load_and_quantize(name: str, state_name: str, **apply_opts) -> dict:
     return p
 
 
+FP8_SCALED = {"1": "tiny_wan2.2_t2v_high_noise_fp8_scaled.safetensors",
+              "2": "tiny_wan2.2_t2v_low_noise_fp8_scaled.safetensors"}
+
+
+def on_fp8_scaled(prompt: dict) -> dict:
+    """A T2V prompt with both UNETLoaders on the fp8_scaled copies of the tiny experts
+    (make_tiny_models.py --fp8-scaled; 0.3.64 loads them with scale_weight, current
+    ComfyUI as comfy_quant fp8 layers)."""
+    for loader, name in FP8_SCALED.items():
+        prompt[loader]["inputs"]["unet_name"] = name
+    return prompt
+
+
 # Example prompt files for run_prompt.py (tests/comfy/prompts/), kept equal to the builders above.
 EXAMPLES = {
     "wan22_t2v_hif4_calibrate_apply.json": lambda: calibrate_and_quantize(T2V, "examples/wan22_t2v"),
