@@ -83,11 +83,16 @@ def w4a4_linear(x: Tensor, weight_q: Tensor, bias: Tensor | None, quant: LayerQu
     differs from float32 math; a float32 matmul would cost ~15x on a GPU's tensor cores.
     """
     xq = prepare_activation(x, quant.mask, quant.rotation)
-    w = weight_q
-    if w.dtype != x.dtype:  # a copy: the caller's weight is never clamped in place
-        w = saturate_(w.to(torch.float32, copy=True), x.dtype).to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    return F.linear(xq, w, b)
+    return F.linear(xq, weight_in(weight_q, x.dtype), b)
+
+
+def weight_in(weight_q: Tensor, dtype: torch.dtype) -> Tensor:
+    """A prepared (HiF4-valued) weight in the compute dtype: exact in bf16/fp32, fp16
+    saturating. A copy when the dtype changes: the caller's weight is never clamped."""
+    if weight_q.dtype == dtype:
+        return weight_q
+    return saturate_(weight_q.to(torch.float32, copy=True), dtype).to(dtype)
 
 
 class HiF4Linear(nn.Module):

@@ -278,13 +278,6 @@ def cast_weight_bias(module: nn.Module, device, dtype, bias_dtype) -> Iterator[t
         yield comfy.ops.cast_bias_weight(module, None, dtype=dtype, device=device, bias_dtype=bias_dtype)
 
 
-def _fit(q: Tensor, dtype: torch.dtype) -> Tensor:
-    """Q(W/m) in `dtype`; fp16 stops at 65504 while HiF4 reaches 344064: clamp."""
-    if dtype == torch.float16:
-        q = q.clamp(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
-    return q.to(dtype)
-
-
 # --------------------------------------------------------------------------- quantization
 
 class HiF4WeightAdapter(WeightAdapterBase):
@@ -317,9 +310,8 @@ class HiF4WeightAdapter(WeightAdapterBase):
         if offset is not None:
             raise ValueError(f"{key}: a HiF4 weight patch cannot apply to a slice of the weight")
         with torch.no_grad():  # ComfyUI's parameters may require grad; quantization has none
-            q = hlinear.prepare_weight(weight.detach().to(torch.float32), self.mask.to(weight.device),
-                                       self.rotation)
-        return _fit(q, weight.dtype)
+            return hlinear.prepare_weight(weight.detach(), self.mask.to(weight.device), self.rotation,
+                                          dtype=weight.dtype)
 
 
 class _LayerCall:
@@ -380,9 +372,8 @@ class QuantizedForward(_LayerCall):
                 bias = fn(bias)
             return hit[2], bias
         with cast_weight_bias(m, xq.device, torch.float32, xq.dtype) as (weight, bias), torch.no_grad():
-            wq = hlinear.prepare_weight(dequantize(m, weight), mask, self.rotation)
+            wq = hlinear.prepare_weight(dequantize(m, weight), mask, self.rotation, dtype=torch.bfloat16)  # exact
         if cacheable:
-            wq = wq.to(torch.bfloat16)
             self._cache = (weakref.ref(m.weight), xq.device, wq)
         return wq, bias
 
@@ -393,7 +384,7 @@ class QuantizedForward(_LayerCall):
         if self.mode == "patch":  # weight already Q(W / m) through the weight patch
             return self.run_original(xq, *args, **kwargs)
         wq, bias = self._weight(self.module(), xq, mask)
-        return torch.nn.functional.linear(xq, _fit(wq, xq.dtype), bias)
+        return torch.nn.functional.linear(xq, hlinear.weight_in(wq, xq.dtype), bias)
 
 
 def _quantized_forwards(model) -> list[QuantizedForward]:
