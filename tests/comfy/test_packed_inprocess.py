@@ -72,8 +72,10 @@ def run(comfy, patcher, seed=0):
 
 
 def applied(mods, model, state_path):
+    """Apply's MODEL (a node returning a UI warning returns {"ui", "result"})."""
     with torch.inference_mode():
-        return mods["apply"].HiF4ApplyW4A4().apply(model, mods["state"].load_state(state_path), HIGH)[0]
+        out = mods["apply"].HiF4ApplyW4A4().apply(model, mods["state"].load_state(state_path), HIGH)
+    return (out["result"] if isinstance(out, dict) else out)[0]
 
 
 def lora_model(comfy, model, tmp_path):
@@ -277,5 +279,5 @@ def test_loader_list_skips_a_fifo_and_a_hostile_header(comfy, mods, files, diffu
     (diffusion_dir / "deep.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
     node = mods["packed"].HiF4LoadDiffusionModel
     assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["mine.safetensors"]
-    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS("deep.safetensors")
-    assert node.VALIDATE_INPUTS("pipe.safetensors") is not True
+    assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS(input_types={}, unet_name="deep.safetensors")
+    assert node.VALIDATE_INPUTS(input_types={}, unet_name="pipe.safetensors") is not True
