@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import wan
+from .experts import HIGH, LOW  # the expert names live in one place
 from .linear import LayerQuant
 from .rotation import Rotation
 from .smoothing import MaskConfig, Statistic, weight_absmax
@@ -32,7 +33,6 @@ from .state import ExpertState, PTQState, make_layer_state
 from .stats import ChannelStats
 
 WAN22_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}  # sigma at which Wan2.2-A14B hands over to the low-noise expert
-HIGH, LOW = "high_noise", "low_noise"
 
 
 # --------------------------------------------------------------------------- config

@@ -126,10 +126,6 @@ class PackedHiF4Linear(nn.Module):
     def packed(self) -> PackedHiF4:
         return PackedHiF4(self.weight_hif4, (self.out_features, self.in_features), 1, torch.float32)
 
-    def expanded_weight(self, device: torch.device | None = None) -> Tensor:
-        """The float32 weight Q(rot(W / m)) this layer multiplies with."""
-        return expand_weight(self.packed, torch.float32, device)
-
     def forward(self, x: Tensor) -> Tensor:
         weight = expand_weight(self.packed, x.dtype, x.device)  # decoded straight into the matmul dtype
         return w4a4_linear(x, weight, self.bias, LayerQuant(self.mask, self.rotation))

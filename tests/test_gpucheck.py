@@ -2,6 +2,8 @@
 interpreter) before any GPU is lent."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -10,9 +12,12 @@ from hifloat4 import format as hformat
 from hifloat4 import gpucheck
 
 
-def run_check(capsys, *args: str) -> tuple[int, dict]:
-    code = gpucheck.main(["--device", "cpu", *args])
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT ")]
+def run_check(*args: str) -> tuple[int, dict]:
+    """Exit code and the one RESULT line's JSON of a CPU run."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = gpucheck.main(["--device", "cpu", *args])
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("RESULT ")]
     assert len(lines) == 1
     return code, json.loads(lines[0].removeprefix("RESULT "))
 
@@ -20,13 +25,7 @@ def run_check(capsys, *args: str) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def cpu_result():
     """One full run on CPU (Triton in the interpreter is slow: run it once)."""
-    with pytest.MonkeyPatch.context() as mp:
-        lines = []
-        mp.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
-        code = gpucheck.main(["--device", "cpu"])
-    result = [ln for ln in lines if ln.startswith("RESULT ")]
-    assert len(result) == 1
-    return code, json.loads(result[0].removeprefix("RESULT "))
+    return run_check()
 
 
 def test_every_cpu_backend_is_exact_and_the_check_passes(cpu_result):
@@ -44,7 +43,7 @@ def test_the_report_has_throughput_and_block_ratios(cpu_result):
     assert result["block"]["w4a4_over_bf16"] > 0 and result["block"]["packed_over_bf16"] > 0
 
 
-def test_a_backend_computing_wrong_bits_fails_the_check(capsys, monkeypatch):
+def test_a_backend_computing_wrong_bits_fails_the_check(monkeypatch):
     real = hformat.quantize_groups_torch
 
     def off_by_one_ulp(groups, out):
@@ -52,7 +51,7 @@ def test_a_backend_computing_wrong_bits_fails_the_check(capsys, monkeypatch):
         out.view(-1)[:1] = out.view(-1)[:1].nextafter(out.new_full((1,), float("inf")))
 
     monkeypatch.setattr(hformat, "quantize_groups_torch", off_by_one_ulp)
-    code, result = run_check(capsys, "--backend", "torch")
+    code, result = run_check("--backend", "torch")
     assert code == 1 and not result["ok"]
     assert result["backends"] == ["torch"]
     assert isinstance(result["exact"]["torch"], list) and result["exact"]["torch"]
