@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import wan
-from .calibrate import (HIGH, LOW, CalibConfig, StepRecord, calibrate, expert_call, flow_sigmas, layers_from_state,
-                        sample_two_expert, switch_step_from_boundary)
+from .calibrate import CalibConfig, calibrate, layers_from_state
+from .experts import HIGH, LOW
+from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from .format import GROUP_SIZE, quantize_dequantize
 from .linear import HiF4Linear, quantize_
 from .state import FIELD_DTYPES, TENSOR_FIELDS, PTQState, load_state, remask, save_state, state_nbytes
@@ -72,7 +73,7 @@ class DemoConfig:
     steps: int = 8
     cfg: float = 5.0
     shift: float = 5.0
-    boundary: float = 0.875
+    boundary: float = BOUNDARY_SIGMA["t2v"]
     calib_prompts: int = 4
     eval_prompts: int = 2
     seed: int = 0
@@ -359,7 +360,7 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
     eval_prompts = synthetic_contexts(cfg, "eval", cfg.eval_prompts)
     neg = synthetic_contexts(cfg, "negative", 1)[0]
     sigmas = flow_sigmas(cfg.steps, cfg.shift)
-    switch = switch_step_from_boundary(sigmas, cfg.boundary)
+    switch = switch_step_from_sigmas(sigmas, cfg.boundary)
     if not 0 < switch < cfg.steps:
         raise ValueError(f"with {cfg.steps} steps the boundary sigma {cfg.boundary} gives switch step {switch}: "
                          f"one expert would never run; use more steps")

@@ -45,6 +45,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from . import experts as hexperts
+from . import rotation as hrotation
 from . import state as hstate
 from . import wan as hwan
 from .format import GROUP_SIZE
@@ -184,14 +185,6 @@ class SafetensorsSource(ModelSource):
 
 
 # --------------------------------------------------------------------------- expert choice
-
-def rotation_block(in_features: int, block: int) -> int:
-    """Largest power of two <= block dividing in_features (the rule the Apply node uses)."""
-    b = 1
-    while b * 2 <= block and in_features % (b * 2) == 0:
-        b *= 2
-    return b
-
 
 def choose_expert(state: hstate.PTQState, fingerprint: dict, requested: str) -> tuple[str, str | None]:
     """(expert name, warning or None): hifloat4.experts.choose_expert, the rule Apply uses."""
@@ -335,9 +328,7 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
     if set(layers) != set(main):
         raise HiF4CheckpointError(f"the state's {name!r} expert covers {len(layers)} layers, the model has "
                                   f"{len(main)} main layers; missing: {few(set(main) - set(layers))}")
-    rot = state.rotation
-    rotations = {n: None if rot is None else Rotation(block=rotation_block(linears[n][1], int(rot["block"])),
-                                                      seed=int(rot["seed"])) for n in main}
+    rotations = {n: hrotation.for_layer(hrotation.from_meta(state.rotation), linears[n][1]) for n in main}
     specs: list[_Spec] = []
     main_keys = {n + ".weight": n for n in main}
     keys = (set(shapes) - set(main_keys)) | {n + PACKED_SUFFIX for n in main} | {n + MASK_SUFFIX for n in main}
@@ -362,8 +353,7 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
                   "ffn_dim": variant.ffn_dim, "layers": variant.layers, "in_dim": variant.in_dim,
                   "out_dim": variant.out_dim, "text_dim": variant.text_dim},
         "layers": {n: {"shape": list(linears[n]),
-                       "rotation": None if rotations[n] is None else {"block": rotations[n].block,
-                                                                      "seed": rotations[n].seed}}
+                       "rotation": hrotation.to_meta(rotations[n])}
                    for n in main},
         "source": {"name": source.name, "fingerprint": fp, "expert_requested": expert,
                    "expert_matched": warning is None},
@@ -653,7 +643,7 @@ def load_hif4_checkpoint(path: str | os.PathLike) -> HiF4Checkpoint:
             raise HiF4CheckpointError(f"tensor {n + PACKED_SUFFIX!r} holds the E6M2 NaN scale (byte 255)")
         rot = info["rotation"]
         layers[n] = PackedLayer(PackedHiF4(data, tuple(info["shape"]), 1, torch.float32), mask,
-                                None if rot is None else Rotation(block=rot["block"], seed=rot["seed"]))
+                                hrotation.from_meta(rot))
     return HiF4Checkpoint(path=path, meta=meta, layers=layers, tensors=tensors)
 
 

@@ -57,6 +57,33 @@ class Rotation:
         return _cpu_signs(self.seed, k).to(device or "cpu", copy=True)
 
 
+def fit_block(in_features: int, block: int) -> int:
+    """Largest power of two <= block dividing in_features: the block a layer actually
+    gets from a model-wide setting (512 for every Wan2.2 size; smaller for tiny models)."""
+    b = 1
+    while b * 2 <= block and in_features % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def for_layer(rotation: Rotation | None, in_features: int) -> Rotation | None:
+    """The Rotation of one layer under a model-wide `rotation` (its block fitted to the
+    layer's in-features, the seed kept). The one rule Apply, Save, export and the library use."""
+    if rotation is None:
+        return None
+    return Rotation(block=fit_block(in_features, rotation.block), seed=rotation.seed)
+
+
+def to_meta(rotation: Rotation | None) -> dict | None:
+    """The JSON form stored in PTQ states and checkpoints: {"block", "seed"} or null."""
+    return None if rotation is None else {"block": rotation.block, "seed": rotation.seed}
+
+
+def from_meta(meta: dict | None) -> Rotation | None:
+    """Inverse of to_meta (validated by Rotation's own checks)."""
+    return None if meta is None else Rotation(block=int(meta["block"]), seed=int(meta["seed"]))
+
+
 @lru_cache(maxsize=64)
 def _cpu_signs(seed: int, k: int) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)

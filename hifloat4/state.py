@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
+from hifloat4.smoothing import STATISTICS, MaskConfig, channel_mask
 from hifloat4.safefile import HiF4FileError, atomic_file, few, loads_json, parse_header, read_regular, safe_output_path
 
 FORMAT_NAME = "hifloat4-ptq"
@@ -46,7 +47,6 @@ TENSOR_FIELDS = ("mask", "absmax", "tail", "wmax")
 # so re-deriving them with the same settings reproduces the stored masks bit for bit.
 # Together: 8 bytes per channel, 0.067% of a bf16 Wan2.2-A14B expert pair.
 FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16}
-STATISTICS = ("tail", "max", "none")
 SUFFIX = ".safetensors"
 TOOL_VERSION_FALLBACK = "0.1.0"
 _TAIL_SLACK = 1e-6  # tail <= absmax up to float rounding of the percentile interpolation
@@ -114,8 +114,6 @@ class PTQState:
 # --------------------------------------------------------------------------- masks
 
 def _mask(wmax: Tensor, absmax: Tensor, tail: Tensor, alpha: float, statistic: str) -> Tensor:
-    from hifloat4.smoothing import MaskConfig, channel_mask  # lazy: optional for plain I/O
-
     act = tail if statistic == "tail" else absmax
     mask = channel_mask(wmax.float(), act.float(), MaskConfig(alpha=alpha, statistic=statistic))
     return mask.to(FIELD_DTYPES["mask"])

@@ -76,5 +76,5 @@ class HiF4ApplyW4A4:
         """(layer, in_features) -> Rotation or None."""
         if choice == "off" or (choice == AS_CALIBRATED and stored is None):
             return lambda name, k: None
-        block, seed = (stored["block"], stored["seed"]) if choice == AS_CALIBRATED else (block, 0)
-        return lambda name, k: hrotation.Rotation(block=policy.rotation_block(k, block), seed=seed)
+        rotation = hrotation.from_meta(stored) if choice == AS_CALIBRATED else hrotation.Rotation(block=hrotation.fit_block(1 << 30, block))
+        return lambda name, k: hrotation.for_layer(rotation, k)

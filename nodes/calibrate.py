@@ -8,6 +8,7 @@ import os
 
 from hifloat4 import smoothing as hsmoothing
 from hifloat4 import safefile
+from hifloat4 import sampling as hsampling
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
@@ -96,9 +97,9 @@ class HiF4CalibrateWan22:
                     "cfg": cfg, "seed": seed, "latent_shape": list(latent_image["samples"].shape),
                     **policy.video_size(latent_image["samples"].shape)}
         if low is not None:
-            boundary = policy.boundary_sigma(variant.kind) if switch_step == -1 else None
+            boundary = hsampling.boundary_sigma(variant.kind) if switch_step == -1 else None
             sigmas = adapter.schedule_sigmas(high, steps, sampler_name, scheduler)
-            switch = policy.resolve_switch_step(switch_step, sigmas, boundary)
+            switch = hsampling.resolve_switch_step(switch_step, sigmas, boundary)
             settings.update(switch_step=switch, boundary_sigma=boundary)
             experts = {policy.HIGH: high, policy.LOW: low}
         else:

@@ -1,7 +1,7 @@
-"""Pure decisions the nodes make: the expert handoff step, prompt lists, state file
-names, what to say when no file is picked (which expert of a PTQ state fits a model
-is hifloat4.experts, shared with the CLI). No ComfyUI import here, so all of it
-is unit-tested on plain CPU torch.
+"""Pure decisions only the nodes make: prompt lists, state file names, what to say
+when no file is picked. Decisions shared with the CLI and the library live in the
+core (which expert: hifloat4.experts; the expert handoff: hifloat4.sampling). No
+ComfyUI import here, so all of it is unit-tested on plain CPU torch.
 """
 from __future__ import annotations
 
@@ -11,49 +11,8 @@ from collections.abc import Iterable, Sequence
 
 from hifloat4.experts import EXPERTS, HIGH, LOW, SINGLE  # noqa: F401  (the nodes' expert choices)
 
-# Wan2.2 switches from the high-noise to the low-noise expert when the timestep
-# t/1000 (= sigma for ComfyUI's flow sampling) drops below this boundary.
-BOUNDARY_SIGMA = {"t2v": 0.875, "i2v": 0.9}
-
 STATE_EXT = ".safetensors"
 _COUNTER_DIGITS = 5
-
-
-# --------------------------------------------------------------------------- handoff
-
-def boundary_sigma(kind: str) -> float:
-    """Boundary sigma for a Wan2.2 model kind ("t2v" / "i2v"; detect_variant().kind)."""
-    if kind not in BOUNDARY_SIGMA:
-        raise ValueError(f"no Wan2.2 expert boundary for a {kind!r} model; "
-                         f"two experts exist only for {sorted(BOUNDARY_SIGMA)}")
-    return BOUNDARY_SIGMA[kind]
-
-
-def switch_step_from_sigmas(sigmas: Sequence[float], boundary: float) -> int:
-    """Steps run by the high-noise expert: those whose starting sigma is >= boundary
-    (Wan2.2: `t >= boundary * 1000` selects the high-noise model). `sigmas` is the
-    sampler schedule including its final sigma, so there are len(sigmas) - 1 steps."""
-    steps = [float(s) for s in sigmas][:-1]
-    n = 0
-    while n < len(steps) and steps[n] >= boundary:
-        n += 1
-    return n
-
-
-def resolve_switch_step(switch_step: int, sigmas: Sequence[float], boundary: float) -> int:
-    """The step at which the low-noise expert takes over. -1 derives it from the
-    boundary sigma; either way both experts must run at least one step, because the
-    calibration has to observe both."""
-    if switch_step < -1:
-        raise ValueError(f"switch_step must be -1 (from the boundary sigma) or a step index, got {switch_step}")
-    steps = len(sigmas) - 1
-    step = switch_step_from_sigmas(sigmas, boundary) if switch_step == -1 else switch_step
-    if not 0 < step < steps:
-        how = (f"the boundary sigma {boundary} gives step {step}" if switch_step == -1
-               else f"switch_step {step} was given")
-        raise ValueError(f"with {steps} steps {how}, so one expert would never run and could not be "
-                         f"calibrated; use more steps or a switch_step between 1 and {steps - 1}")
-    return step
 
 
 # --------------------------------------------------------------------------- prompts
@@ -130,11 +89,3 @@ def video_size(latent_shape: Sequence[int]) -> dict[str, int]:
     spatial = 16 if c == 48 else 8
     return {"width": w * spatial, "height": h * spatial, "frames": (t - 1) * 4 + 1}
 
-
-def rotation_block(in_features: int, block: int) -> int:
-    """Largest power of two <= block dividing in_features (512 for every Wan2.2 size;
-    smaller for tiny test models)."""
-    b = 1
-    while b * 2 <= block and in_features % (b * 2) == 0:
-        b *= 2
-    return b

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from hifloat4 import wan
-from hifloat4.calibrate import (HIGH, LOW, CalibConfig, build_state, calibrate, expert_call, flow_sigmas,
-                                layers_from_state, observe, sample_two_expert, switch_step_from_boundary)
+from hifloat4.calibrate import CalibConfig, build_state, calibrate, layers_from_state, observe
+from hifloat4.experts import HIGH, LOW
+from hifloat4.sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from hifloat4.linear import HiF4Linear, quantize_
 from hifloat4.rotation import Rotation
 from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
@@ -214,12 +215,12 @@ def test_flow_sigmas_are_comfyui_simple_with_wan_shift():
 
 
 def test_switch_step_is_the_first_step_below_the_boundary():
-    assert switch_step_from_boundary([1.0, 0.9, 0.875, 0.5, 0.0], 0.875) == 3  # 0.875 itself is still high noise
-    assert switch_step_from_boundary(flow_sigmas(8, 5.0), 0.875) == 4  # sigmas 1, .972, .938, .893 | .833
+    assert switch_step_from_sigmas([1.0, 0.9, 0.875, 0.5, 0.0], 0.875) == 3  # 0.875 itself is still high noise
+    assert switch_step_from_sigmas(flow_sigmas(8, 5.0), 0.875) == 4  # sigmas 1, .972, .938, .893 | .833
 
 
 def test_switch_step_is_the_step_count_when_no_sigma_is_below_the_boundary():
-    assert switch_step_from_boundary([1.0, 0.95, 0.0], 0.875) == 2
+    assert switch_step_from_sigmas([1.0, 0.95, 0.0], 0.875) == 2
 
 
 def test_sampler_is_deterministic_for_a_seed(experts, contexts):

@@ -1,5 +1,5 @@
 """Specification of nodes/policy.py: the pure decisions of the ComfyUI nodes
-(expert handoff step, prompts, state file names, empty file lists). Plain CPU,
+(prompts, state file names, empty file lists). Plain CPU,
 no ComfyUI."""
 import importlib.util
 import pathlib
@@ -18,60 +18,6 @@ def _load_policy():
 
 
 policy = _load_policy()
-
-# ComfyUI "simple" schedule, 4 steps, ModelSamplingSD3 shift 5 (values rounded)
-SHIFT5_4STEPS = [1.0, 0.9375, 0.8333, 0.625, 0.0]
-
-
-# --------------------------------------------------------------------------- handoff
-
-def test_boundary_sigma_is_0875_for_t2v_and_09_for_i2v():
-    assert policy.boundary_sigma("t2v") == 0.875
-    assert policy.boundary_sigma("i2v") == 0.9
-
-
-def test_boundary_sigma_refuses_single_model_kinds():
-    with pytest.raises(ValueError, match="ti2v"):
-        policy.boundary_sigma("ti2v")
-
-
-def test_switch_step_counts_steps_starting_at_or_above_the_boundary():
-    assert policy.switch_step_from_sigmas(SHIFT5_4STEPS, 0.875) == 2
-    assert policy.switch_step_from_sigmas(SHIFT5_4STEPS, 0.9) == 2
-    assert policy.switch_step_from_sigmas(SHIFT5_4STEPS, 0.95) == 1
-
-
-def test_switch_step_includes_a_step_exactly_at_the_boundary():
-    assert policy.switch_step_from_sigmas([1.0, 0.875, 0.5, 0.0], 0.875) == 2
-
-
-def test_switch_step_ignores_the_final_sigma():
-    assert policy.switch_step_from_sigmas([1.0, 0.95, 0.9], 0.5) == 2
-
-
-def test_resolve_minus_one_derives_the_step_from_the_boundary():
-    assert policy.resolve_switch_step(-1, SHIFT5_4STEPS, 0.875) == 2
-
-
-def test_resolve_keeps_an_explicit_step():
-    assert policy.resolve_switch_step(3, SHIFT5_4STEPS, 0.875) == 3
-
-
-@pytest.mark.parametrize("step", [0, 4, 9])
-def test_resolve_refuses_a_step_that_leaves_one_expert_idle(step):
-    with pytest.raises(ValueError, match="between 1 and 3"):
-        policy.resolve_switch_step(step, SHIFT5_4STEPS, 0.875)
-
-
-def test_resolve_refuses_a_boundary_that_leaves_the_low_expert_idle():
-    with pytest.raises(ValueError, match="boundary sigma"):
-        policy.resolve_switch_step(-1, [1.0, 0.99, 0.0], 0.9)
-
-
-def test_resolve_refuses_negative_steps_other_than_minus_one():
-    with pytest.raises(ValueError, match="-1"):
-        policy.resolve_switch_step(-2, SHIFT5_4STEPS, 0.875)
-
 
 # --------------------------------------------------------------------------- prompts
 
@@ -151,12 +97,6 @@ def test_a_picked_name_is_left_to_the_usual_checks():
 
 def test_is_state_name_of_a_missing_value_is_false():
     assert not policy.is_state_name(None)
-
-
-def test_rotation_block_is_the_largest_power_of_two_dividing_k():
-    assert policy.rotation_block(13824, 512) == 512
-    assert policy.rotation_block(256, 512) == 256
-    assert policy.rotation_block(100, 512) == 4
 
 
 def test_extra_prompt_takes_the_start_image_entries_of_the_main_prompt():

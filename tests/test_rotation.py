@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hifloat4.rotation as rotation
-from hifloat4.rotation import Rotation, rotate
+from hifloat4.rotation import Rotation, fit_block, for_layer, rotate
 
 # In-features of Wan2.2 Linears (DESIGN.md): A14B dim 5120 and ffn 13824,
 # TI2V-5B dim 3072 and ffn 14336, text_dim 4096.
@@ -152,3 +152,14 @@ def test_rotation_is_a_frozen_value_for_state_metadata():
     assert rot == Rotation(**dataclasses.asdict(rot)) and hash(rot) == hash(Rotation(256, 9))
     with pytest.raises(dataclasses.FrozenInstanceError):
         rot.block = 512  # type: ignore[misc]
+
+
+def test_rotation_block_is_the_largest_power_of_two_dividing_k():
+    assert fit_block(13824, 512) == 512
+    assert fit_block(256, 512) == 256
+    assert fit_block(100, 512) == 4
+
+
+def test_for_layer_fits_the_block_to_each_layer_and_keeps_the_seed():
+    assert for_layer(Rotation(block=512, seed=3), 384) == Rotation(block=128, seed=3)
+    assert for_layer(None, 384) is None

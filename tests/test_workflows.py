@@ -28,6 +28,8 @@ import urllib.request
 
 import pytest
 
+from hifloat4 import sampling
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -489,15 +491,6 @@ def flow_simple_sigmas(shift: float, steps: int) -> list[float]:
     return [table[-(1 + int(x * len(table) / steps))] for x in range(steps)] + [0.0]
 
 
-def _policy():
-    # by path: the name `nodes` belongs to ComfyUI's own module when ComfyUI is importable
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("hifloat4_nodes_policy_wf", ROOT / "nodes" / "policy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _upstream(wf, node, input_name, node_type):
     """The nearest node of node_type feeding `input_name` of node (following MODEL inputs)."""
     nodes, links = nodes_by_id(wf), {link[0]: link for link in wf["links"]}
@@ -513,7 +506,7 @@ def test_wan22_t2v_boundary_with_shift_8_is_one_step_after_the_official_handover
     of 20 with shift 8 (sigma at step 10 is 0.889), the official graphs hand over at 10."""
     sigmas = flow_simple_sigmas(8.0, 20)
     assert round(sigmas[10], 3) == 0.889
-    assert _policy().resolve_switch_step(-1, sigmas, 0.875) == 11
+    assert sampling.resolve_switch_step(-1, sigmas, 0.875) == 11
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -534,7 +527,7 @@ def test_calibration_and_generation_switch_experts_at_the_same_step(name):
         shift = _upstream(cal_wf, cal, "model_high_noise", "ModelSamplingSD3")["widgets_values"][0]
         assert scheduler == "simple", "the test computes only the simple schedule"
         kind = "i2v" if of_type(cal_wf, "WanImageToVideo") else "t2v"
-        switch = _policy().resolve_switch_step(-1, flow_simple_sigmas(shift, steps), _policy().boundary_sigma(kind))
+        switch = sampling.resolve_switch_step(-1, flow_simple_sigmas(shift, steps), sampling.boundary_sigma(kind))
     for first in firsts:
         first_steps, first_end = first["widgets_values"][3], first["widgets_values"][8]
         assert (first_steps, first_end) == (steps, switch), f"{name}: samplers hand over at {first_end} of " \

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import demo, wan
-from ..calibrate import HIGH, LOW, expert_call, flow_sigmas, observe, sample_two_expert, switch_step_from_boundary
+from ..calibrate import observe
+from ..experts import HIGH, LOW
+from ..sampling import BOUNDARY_SIGMA, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from ..linear import quantize_
 from ..smoothing import weight_absmax
 from ..stats import ChannelStats
@@ -120,7 +122,7 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
     calib = demo.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
     held_out = demo.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
     neg = demo.synthetic_contexts(cfg, "negative", 1)[0]
-    switch = switch_step_from_boundary(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
+    switch = switch_step_from_sigmas(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
     if not 0 < switch < cfg.steps:
         raise ValueError(f"{cfg.steps} steps give switch step {switch}: one expert would never run")
     probes = demo.probe_steps(cfg.steps, switch)

@@ -33,7 +33,8 @@ def exported(workspace):
     from safetensors.torch import load_file
 
     from hifloat4 import state as hstate
-    from hifloat4.calibrate import CalibConfig, calibrate, sample_two_expert
+    from hifloat4.calibrate import CalibConfig, calibrate
+    from hifloat4.sampling import sample_two_expert
     from hifloat4.tiny_wan import TinyWan, WanConfig
 
     src = pathlib.Path(os.environ["COMFY_HARNESS_MODELS"]) / "diffusion_models"
