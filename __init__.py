@@ -1,6 +1,6 @@
 """comfyui-hifloat4: ComfyUI entry point.
 
-Inside ComfyUI this registers the three nodes and the calib_states model folder.
+Inside ComfyUI this registers the nodes and the calib_states model folder.
 Imported anywhere else (pytest collecting the repo, tools) it does nothing, so the
 core stays usable as plain `import hifloat4`.
 """

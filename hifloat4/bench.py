@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import save_file
 
 from . import wan
-from .calibrate import CalibConfig, calibrate, layers_from_state
+from .calibrate import CalibConfig, calibrate
 from .export import SafetensorsSource, export_expert, install_checkpoint_, load_hif4_checkpoint
 from .format import GROUP_SIZE, quantize_dequantize
-from .linear import quantize_
+from .plan import W4A4Config
+from .quantize import quantize_
 from .naive import naive_quantize_dequantize
 from .packed_linear import resident_bytes
 from .packing import BYTES_PER_GROUP, pack, unpack
@@ -156,19 +157,19 @@ def tiny_memory(repeat: int, device: torch.device) -> dict:
     model = copy.deepcopy(shipped).float()  # the bf16 weights, computed in float32
     x, t, ctx = example_inputs(model, frames=4, height=16, width=16, text_len=64)
     state = calibrate({"high_noise": model}, lambda: model(x, t, ctx), CalibConfig())
-    layers = layers_from_state(state, "high_noise")
+    config = W4A4Config(state, expert="high_noise")
     with tempfile.TemporaryDirectory() as d:
         src, out = os.path.join(d, "bf16.safetensors"), os.path.join(d, "hif4.safetensors")
         save_file(shipped.state_dict(), src)
-        export_expert(SafetensorsSource(src), state, "high_noise", out)
+        export_expert(SafetensorsSource(src), config, out)
         files = {"bf16": os.path.getsize(src), "packed": os.path.getsize(out)}
         ckpt = load_hif4_checkpoint(out)
     with torch.device("meta"):
         packed_shipped = install_checkpoint_(TinyWan(model.config), ckpt)  # tensors as stored in the file
     resident = {"bf16 (no quantization)": resident_bytes(shipped),
-                "fake-quant W4A4": resident_bytes(quantize_(copy.deepcopy(shipped), layers)),
+                "fake-quant W4A4": resident_bytes(quantize_(copy.deepcopy(shipped), config)),
                 "packed W4A4": resident_bytes(packed_shipped)}
-    runs = {"bf16 (no quantization)": model, "fake-quant W4A4": quantize_(copy.deepcopy(model), layers),
+    runs = {"bf16 (no quantization)": model, "fake-quant W4A4": quantize_(copy.deepcopy(model), config),
             "packed W4A4": install_checkpoint_(TinyWan(model.config), ckpt)}
     x, t, ctx = x.to(device), t.to(device), ctx.to(device)
     rows = {}

@@ -9,7 +9,6 @@ The pieces are separate so that each caller uses only what it needs:
   and builds its state from the same stats/smoothing/state functions).
 * `calibrate(experts, run, config)` - both of the above around a callable `run()`
   that drives the models (e.g. `sample_two_expert` over a few prompts).
-* `layers_from_state(state, expert)` - the `LayerQuant` map for `linear.quantize_`.
 The sampler that drives the models in the demo and tests is hifloat4.sampling.
 """
 from __future__ import annotations
@@ -24,7 +23,6 @@ from torch import Tensor, nn
 from . import rotation as hrotation
 from . import wan
 from .experts import HIGH, LOW  # the expert names live in one place
-from .linear import LayerQuant
 from .rotation import Rotation
 from .smoothing import MaskConfig, Statistic, weight_absmax
 from .state import ExpertState, PTQState, make_layer_state
@@ -161,12 +159,3 @@ def calibrate(experts: Mapping[str, nn.Module], run: Callable[[], None], config:
         with torch.no_grad():
             run()
     return build_state({name: (model, stats[name]) for name, model in experts.items()}, config, calibration)
-
-
-def layers_from_state(state: PTQState, expert: str) -> dict[str, LayerQuant]:
-    """{layer: LayerQuant(mask, rotation)} of one expert, ready for linear.quantize_."""
-    if expert not in state.experts:
-        raise KeyError(f"state has no expert {expert!r}; it has {state.expert_names}")
-    rotation = hrotation.from_meta(state.rotation)
-    return {name: LayerQuant(mask=ls.mask, rotation=hrotation.for_layer(rotation, ls.channels))
-            for name, ls in state.experts[expert].layers.items()}

@@ -41,11 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import wan
-from .calibrate import CalibConfig, calibrate, layers_from_state
+from .calibrate import CalibConfig, calibrate
 from .experts import HIGH, LOW
 from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from .format import GROUP_SIZE, quantize_dequantize
-from .linear import HiF4Linear, quantize_
+from .linear import HiF4Linear
+from .plan import W4A4Config
+from .quantize import quantize_
 from .state import FIELD_DTYPES, TENSOR_FIELDS, PTQState, load_state, remask, save_state, state_nbytes
 from .tiny_wan import TinyWan, WanConfig, make_tiny_wan
 
@@ -402,7 +404,7 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
         "tail_rotation": dataclasses.replace(loaded, rotation={"block": cfg.rotation_block,
                                                                "seed": cfg.rotation_seed}),
     }
-    quantized = {m: {e: quantize_(copy.deepcopy(reference[e]), layers_from_state(s, e)) for e in (HIGH, LOW)}
+    quantized = {m: {e: quantize_(copy.deepcopy(reference[e]), W4A4Config(s, expert=e)) for e in (HIGH, LOW)}
                  for m, s in states.items()}
     timings["quantize"] = time.perf_counter() - t
 

@@ -51,6 +51,7 @@ from . import wan as hwan
 from .format import GROUP_SIZE
 from .packed_linear import PackedHiF4Linear, pack_weight
 from .packing import BYTES_PER_GROUP, PackedHiF4
+from .plan import ROTATIONS, W4A4Config, make_plan
 from .rotation import Rotation
 from .safefile import HiF4FileError, atomic_file, few, loads_json, read_header
 
@@ -184,18 +185,6 @@ class SafetensorsSource(ModelSource):
         return dtype if dtype in WEIGHT_DTYPES.values() else torch.bfloat16
 
 
-# --------------------------------------------------------------------------- expert choice
-
-def choose_expert(state: hstate.PTQState, fingerprint: dict, requested: str) -> tuple[str, str | None]:
-    """(expert name, warning or None): hifloat4.experts.choose_expert, the rule Apply uses."""
-    try:
-        choice = hexperts.choose_expert(fingerprint, {n: ex.fingerprint for n, ex in state.experts.items()},
-                                        requested)
-    except hexperts.ExpertMismatch as e:
-        raise HiF4CheckpointError(str(e)) from None
-    return choice.name, choice.warning
-
-
 # --------------------------------------------------------------------------- writing
 
 @dataclass
@@ -286,23 +275,29 @@ class ExportReport:
                 f"  other tensors: {_size(self.other_bytes)}; file: {_size(self.file_bytes)}")
 
 
-def _ptq_summary(state: hstate.PTQState) -> dict:
+def _ptq_summary(config: W4A4Config) -> dict:
+    """The PTQ state the file was made from (its settings and checksum) and the choices
+    made on top of it (null: as calibrated)."""
+    state = config.state
     _, meta = hstate.encode_state(state)
     checksum = json.loads(meta[hstate.METADATA_KEY])["checksum"]
     return {"format": hstate.FORMAT_NAME, "format_version": hstate.FORMAT_VERSION, "method": state.method,
             "alpha": state.alpha, "percentile": state.percentile, "statistic": state.statistic,
             "rotation": state.rotation, "model_family": state.model_family, "model_variant": state.model_variant,
-            "calibration": state.calibration, "tool_version": state.tool_version, "checksum": checksum}
+            "calibration": state.calibration, "tool_version": state.tool_version, "checksum": checksum,
+            "choices": {"alpha": config.alpha, "statistic": config.statistic, "rotation": config.rotation,
+                        "rotation_block": config.rotation_block,
+                        "keep_high_precision": config.keep_high_precision}}
 
 
-def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_path: str | os.PathLike,
+def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.PathLike,
                   progress: Callable[[int, int], None] | None = None,
                   cancel: Callable[[], None] | None = None) -> ExportReport:
-    """Pack one expert of `source` with the masks of `state` into `out_path`.
+    """Pack one expert of `source` as `hifloat4.plan.make_plan(config, ...)` decides
+    (the expert, masks, rotation: what the Apply node runs) into `out_path`.
 
-    `expert`: "auto" (fingerprint match) or a name in the state. Every main layer of
-    the model must be in the state; boundary layers and all other tensors are carried
-    over unchanged. `progress(done, total)` and `cancel()` as in
+    Every main layer of the model must be in the state; boundary layers and all
+    other tensors are carried over unchanged. `progress(done, total)` and `cancel()` as in
     write_safetensors_streaming: a cancel (or Ctrl-C) leaves no file behind.
     """
     out_path = os.fspath(out_path)
@@ -319,16 +314,14 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
     if clash:
         raise HiF4CheckpointError(f"the model already has HiF4 tensors ({few(clash)})")
     fp = hwan.fingerprint(shapes, get_weight=lambda n: source.real_weight(n) if n in linears else None)
-    name, warning = choose_expert(state, fp, expert)
     try:
-        hstate.validate_against_model(state, name, linears)
-    except hstate.PTQStateError as e:
+        plan = make_plan(config, fp)
+    except (hexperts.ExpertMismatch, hstate.PTQStateError) as e:
         raise HiF4CheckpointError(str(e)) from None
-    layers = state.experts[name].layers
-    if set(layers) != set(main):
-        raise HiF4CheckpointError(f"the state's {name!r} expert covers {len(layers)} layers, the model has "
-                                  f"{len(main)} main layers; missing: {few(set(main) - set(layers))}")
-    rotations = {n: hrotation.for_layer(hrotation.from_meta(state.rotation), linears[n][1]) for n in main}
+    if plan.kept:
+        raise HiF4CheckpointError("keep_high_precision is not supported by packed checkpoints yet")
+    name, warning, layers = plan.expert, plan.warning, plan.layers
+    rotations = {n: q.rotation for n, q in layers.items()}
     specs: list[_Spec] = []
     main_keys = {n + ".weight": n for n in main}
     keys = (set(shapes) - set(main_keys)) | {n + PACKED_SUFFIX for n in main} | {n + MASK_SUFFIX for n in main}
@@ -346,7 +339,7 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
         else:
             specs.append(_Spec(key, source.stored_dtype(key), tuple(shapes[key]), lambda key=key: source.tensor(key)))
     meta = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hif4_spec": state.hif4_spec,
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hif4_spec": config.state.hif4_spec,
         "group_size": GROUP_SIZE, "bytes_per_group": BYTES_PER_GROUP, "expert": name,
         "weight_dtype": _dtype_name(source.weight_dtype()),
         "model": {"family": variant.family, "variant": variant.variant, "kind": variant.kind, "dim": variant.dim,
@@ -355,9 +348,9 @@ def export_expert(source: ModelSource, state: hstate.PTQState, expert: str, out_
         "layers": {n: {"shape": list(linears[n]),
                        "rotation": hrotation.to_meta(rotations[n])}
                    for n in main},
-        "source": {"name": source.name, "fingerprint": fp, "expert_requested": expert,
+        "source": {"name": source.name, "fingerprint": fp, "expert_requested": config.expert,
                    "expert_matched": warning is None},
-        "ptq": _ptq_summary(state),
+        "ptq": _ptq_summary(config),
         "tool_version": hstate.tool_version(),
     }
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
@@ -731,16 +724,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="which expert of the state: auto (match the model's fingerprint, default), "
                         "high_noise, low_noise, single")
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--alpha", type=float, default=None, help="re-derive masks with this alpha (default: as calibrated)")
+    p.add_argument("--statistic", choices=hstate.REMASK_STATISTICS, default=None,
+                   help="re-derive masks from this statistic; adaptive: per layer, the one with the lowest error "
+                        "measured at calibration (default: as calibrated)")
+    p.add_argument("--rotation", choices=ROTATIONS, default=None,
+                   help="block Hadamard rotation after the mask (default: as calibrated)")
+    p.add_argument("--rotation-block", type=int, default=512, help="Hadamard block size with --rotation hadamard")
+    p.add_argument("--keep-high-precision", type=int, default=0, metavar="N",
+                   help="leave the N layers with the largest W4A4 error measured at calibration unquantized")
     a = p.parse_args(argv)
     if not logging.getLogger().handlers:  # the kernel-build notice and other one-line notes
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if os.path.exists(a.out) and os.path.exists(a.model) and os.path.samefile(a.out, a.model):
             raise HiF4CheckpointError("--out is the --model file; write the checkpoint elsewhere")
-        state = hstate.load_state(a.state)
+        config = W4A4Config(hstate.load_state(a.state), expert=a.expert, alpha=a.alpha, statistic=a.statistic,
+                            rotation=a.rotation, rotation_block=a.rotation_block,
+                            keep_high_precision=a.keep_high_precision)
         t0 = time.perf_counter()
-        report = export_expert(SafetensorsSource(a.model), state, a.expert, a.out, progress=_progress_printer())
-    except (HiF4FileError, hwan.NotWanError, OSError) as e:
+        report = export_expert(SafetensorsSource(a.model), config, a.out, progress=_progress_printer())
+    except (HiF4FileError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -32,7 +32,8 @@ import torch
 from . import backend
 from .bench import best_seconds, peak_forward_bytes
 from .format import quantize_dequantize, saturate_
-from .linear import LayerQuant, prepare_activation, prepare_weight, quantize_
+from .linear import LayerQuant, prepare_activation, prepare_weight
+from .quantize import LayersConfig, quantize_
 from .packed_linear import PackedHiF4Linear, expand_weight, pack_weight
 from .tiny_wan import WanBlock, WanConfig, rope_angles
 
@@ -186,8 +187,8 @@ def block_bench(device: torch.device, cfg: WanConfig, grid: tuple[int, int, int]
              for n in MAIN_LINEARS}
     layers = {n: LayerQuant(m) for n, m in masks.items()}
     variants = {"bf16": block,
-                "w4a4": quantize_(copy.deepcopy(block), layers),
-                "packed": quantize_(copy.deepcopy(block), layers, build=PackedHiF4Linear.from_linear)}
+                "w4a4": quantize_(copy.deepcopy(block), LayersConfig(layers)),
+                "packed": quantize_(copy.deepcopy(block), LayersConfig(layers), packed=True)}
     rows = {}
     with torch.no_grad():
         outs = {name: m(x, e0, angles, context, None) for name, m in variants.items()}

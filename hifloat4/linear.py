@@ -9,7 +9,6 @@ each `prepare_*` is one fused Triton pass (backend.py), with the same bits.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,21 +123,3 @@ class HiF4Linear(nn.Module):
         rot = "none" if self.rotation is None else f"hadamard{self.rotation.block}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rotation={rot}"
 
-
-def quantize_(model: nn.Module, layers: dict[str, LayerQuant],
-              build: Callable[[nn.Linear, LayerQuant], nn.Module] = HiF4Linear) -> nn.Module:
-    """Replace the named nn.Linear submodules of `model` by `build(linear, quant)`, in
-    place: HiF4Linear (fake-quant weights) by default, or
-    `hifloat4.packed_linear.PackedHiF4Linear.from_linear` (packed weights, same outputs).
-
-    Every name must exist and be an nn.Linear; nothing is changed otherwise.
-    """
-    modules = dict(model.named_modules())
-    problems = [n for n in layers if not isinstance(modules.get(n), nn.Linear)]
-    if problems:
-        raise ValueError(f"not nn.Linear layers of this model: {problems[:5]}{' ...' if len(problems) > 5 else ''}")
-    for name, quant in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, build(modules[name], quant))
-    return model

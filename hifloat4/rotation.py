@@ -13,9 +13,8 @@ same R on every device; the PTQ state need only store (block, seed).
 
 Implementation: the fast Walsh-Hadamard transform (log2 b butterfly stages, each
 one add and one sub into a ping-pong buffer), over row chunks that fit in cache on
-CPU. Measured for 4096 x 5120 fp32, b = 512, on this 2-core CPU: FWHT ~80-110 ms
-(2 threads) / ~110 ms (1 thread) vs a dense (b x b) matmul ~140-180 ms / ~260-300 ms.
-FWHT also does no multiplications, so no TF32 matmul setting can touch it.
+CPU: O(K log b) work instead of a dense (b x b) matmul's O(K b), and no
+multiplications, so no TF32 matmul setting can touch it.
 Arithmetic is fp32 (fp64 for fp64 inputs, which keeps exactness checkable);
 the result has the input's dtype.
 """

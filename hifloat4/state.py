@@ -400,3 +400,15 @@ def validate_against_model(state: PTQState, expert: str,
         if in_features != ls.channels:
             raise PTQStateError(f"layer {name!r} of expert {expert!r}: model has {in_features} input "
                                 f"channels, state has {ls.channels}")
+
+
+# --- placeholders until the calibration-side change lands (replaced by its implementation)
+REMASK_STATISTICS = STATISTICS + ("adaptive",)
+
+
+def sensitivity(ls: LayerState) -> float | None:
+    return None
+
+
+def adaptive_choice(ls: LayerState) -> str:
+    raise PTQStateError("adaptive needs a format-2 state")

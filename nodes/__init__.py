@@ -1,4 +1,4 @@
-"""The three ComfyUI nodes. Their modules import ComfyUI, so they are only imported
+"""The ComfyUI nodes. Their modules import ComfyUI, so they are only imported
 when ComfyUI is running; nodes.policy (pure logic) imports anywhere."""
 import sys
 

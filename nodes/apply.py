@@ -3,17 +3,10 @@ from __future__ import annotations
 
 import logging
 
-from hifloat4 import rotation as hrotation
-from hifloat4 import state as hstate
-from hifloat4 import wan as hwan
-
 from . import comfy_adapter as adapter
 from . import policy
 
 CATEGORY = "hifloat4"
-AS_CALIBRATED = "as calibrated"
-STATISTICS = (AS_CALIBRATED, "tail", "max", "none")
-ROTATIONS = (AS_CALIBRATED, "off", "hadamard")
 
 
 class HiF4ApplyW4A4:
@@ -31,20 +24,7 @@ class HiF4ApplyW4A4:
                                "weights of the same model type (e.g. an fp8 copy) with a warning; another model "
                                "type (T2V / I2V / TI2V) is always refused."}),
             },
-            "optional": {
-                "alpha": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Re-derive masks with another alpha (-1: as calibrated)."}),
-                "statistic": (list(STATISTICS), {"default": AS_CALIBRATED,
-                                                 "tooltip": "Re-derive masks from another statistic; "
-                                                            "none = plain HiF4 without smoothing."}),
-                "rotation": (list(ROTATIONS), {"default": AS_CALIBRATED,
-                                               "tooltip": "Block Hadamard rotation after the mask (beyond "
-                                                          "the paper)."}),
-                "rotation_block": ("INT", {"default": 512, "min": 1, "max": 8192,
-                                           "tooltip": "Hadamard block size when rotation is hadamard (the "
-                                                      "largest power of two dividing each layer's inputs, up "
-                                                      "to this, is used)."}),
-            },
+            "optional": policy.quantization_inputs(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -53,28 +33,14 @@ class HiF4ApplyW4A4:
     DESCRIPTION = ("Runs every main Linear of a Wan2.2 model as HiFloat4 W4A4 (4-bit weights and activations "
                    "with the PTQ state's channel masks). Returns a new MODEL; the input stays unquantized.")
 
-    def apply(self, model, ptq_state, expert, alpha=-1.0, statistic=AS_CALIBRATED, rotation=AS_CALIBRATED,
-              rotation_block=512):
+    def apply(self, model, ptq_state, expert, **choices):
         if adapter.is_packed_model(model):
             raise ValueError("this MODEL comes from a packed HiF4 checkpoint (Load HiF4 Diffusion Model): it "
                              "already runs W4A4, so there is nothing to apply; connect it to the sampler directly")
-        choice = adapter.select_expert(model, ptq_state, expert)
-        name = choice.name
-        hstate.validate_against_model(ptq_state, name, hwan.linear_shapes(adapter.wan_root(model)))
-        state = ptq_state
-        if alpha >= 0 or statistic != AS_CALIBRATED:
-            state = hstate.remask(ptq_state, alpha=None if alpha < 0 else alpha,
-                                  statistic=None if statistic == AS_CALIBRATED else statistic)
-        masks = {ln: ls.mask for ln, ls in state.experts[name].layers.items()}
-        out = adapter.apply_w4a4(model, masks, self._rotation_for(ptq_state.rotation, rotation, rotation_block))
-        if choice.warning:
-            return {"ui": adapter.tell(choice.warning, logging.WARNING), "result": (out,)}
-        return (out,)
-
-    @staticmethod
-    def _rotation_for(stored, choice, block):
-        """(layer, in_features) -> Rotation or None."""
-        if choice == "off" or (choice == AS_CALIBRATED and stored is None):
-            return lambda name, k: None
-        rotation = hrotation.from_meta(stored) if choice == AS_CALIBRATED else hrotation.Rotation(block=hrotation.fit_block(1 << 30, block))
-        return lambda name, k: hrotation.for_layer(rotation, k)
+        config = policy.w4a4_config(ptq_state, expert, **choices)
+        plan = adapter.plan_for(model, config)
+        out = adapter.apply_w4a4(model, plan.layers)
+        texts = [adapter.tell(plan.warning, logging.WARNING)["text"][0]] if plan.warning else []
+        if plan.kept or config.statistic == "adaptive":
+            texts += adapter.tell(plan.describe())["text"]
+        return {"ui": {"text": texts}, "result": (out,)} if texts else (out,)

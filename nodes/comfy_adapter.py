@@ -46,10 +46,10 @@ import comfy.utils
 import folder_paths
 from comfy.weight_adapter import WeightAdapterBase
 
-from hifloat4 import experts as hexperts
 from hifloat4 import export as hexport
 from hifloat4 import linear as hlinear
 from hifloat4 import packed_linear as hpacked
+from hifloat4 import plan as hplan
 from hifloat4 import stats as hstats
 from hifloat4 import wan as hwan
 from hifloat4.packing import PackedHiF4
@@ -244,11 +244,11 @@ def model_fingerprint(model) -> dict:
                             if n in modules else None)
 
 
-def select_expert(model, state, expert: str) -> hexperts.ExpertChoice:
-    """hifloat4.experts.choose_expert on this MODEL's weights: refuses another model type
-    even for a named expert; a named expert on other weights of the same type warns."""
-    candidates = {n: ex.fingerprint for n, ex in state.experts.items()}
-    return hexperts.choose_expert(model_fingerprint(model), candidates, expert)
+def plan_for(model, config: hplan.W4A4Config) -> hplan.Plan:
+    """hifloat4.plan.make_plan on this MODEL's real-valued weights: the expert (another
+    model type is refused even for a named expert; other weights of the same type warn),
+    the W4A4 layers and the layers kept in high precision."""
+    return hplan.make_plan(config, model_fingerprint(model))
 
 
 def weight_mode(module: nn.Module) -> str:
@@ -395,22 +395,21 @@ def is_quantized(model) -> bool:
     return bool(_quantized_forwards(model))
 
 
-def apply_w4a4(model, masks: Mapping[str, Tensor], rotation_for: Callable[[str, int], object]):
-    """A clone of `model` whose listed layers run HiF4 W4A4 with the given masks.
-    rotation_for(layer name, in_features) -> hifloat4 Rotation or None."""
+def apply_w4a4(model, layers: Mapping[str, hlinear.LayerQuant]):
+    """A clone of `model` whose listed layers run HiF4 W4A4 (mask and rotation per layer;
+    hifloat4.plan decides them)."""
     if is_quantized(model):
         raise ValueError("this MODEL already went through 'Apply HiFloat4 W4A4'; apply it once, "
                          "to the unquantized model")
-    modules = linear_modules(model, list(masks))
+    modules = linear_modules(model, list(layers))
     clone = model.clone()
     weight_patches = {}
     modes = {"patch": 0, "forward": 0}
     forwards = []
-    for name, mask in masks.items():
-        m = modules[name]
+    for name, quant in layers.items():
+        m, mask, rot = modules[name], quant.mask, quant.rotation
         if mask.shape != (m.in_features,):
             raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, the layer has {m.in_features} inputs")
-        rot = rotation_for(name, m.in_features)
         mode = weight_mode(m)
         modes[mode] += 1
         if mode == "patch":
@@ -425,7 +424,7 @@ def apply_w4a4(model, masks: Mapping[str, Tensor], rotation_for: Callable[[str, 
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PLUGIN_KEY,
                                _ReleaseCaches([f for f in forwards if f.mode == "forward"]))
     log.info("HiF4 W4A4 on %d layers (%d weight-patched, %d quantized in the forward)",
-             len(masks), modes["patch"], modes["forward"])
+             len(layers), modes["patch"], modes["forward"])
     return clone
 
 
@@ -675,11 +674,11 @@ class ComfyModelSource(hexport.ModelSource):
         return dtype if dtype in EXACT_STORAGE else torch.bfloat16
 
 
-def export_packed(model, state, expert: str, path: str) -> hexport.ExportReport:
+def export_packed(model, config: hplan.W4A4Config, path: str) -> hexport.ExportReport:
     """Write `model` (unquantized, LoRAs merged) as a packed HiF4 checkpoint, with a
     progress bar; Cancel stops it and leaves no file."""
     bar = comfy.utils.ProgressBar(1)
-    return hexport.export_expert(ComfyModelSource(model), state, expert, path,
+    return hexport.export_expert(ComfyModelSource(model), config, path,
                                  progress=lambda done, total: bar.update_absolute(done, total),
                                  cancel=check_interrupt)
 

@@ -115,6 +115,7 @@ class HiF4SaveModel:
                     "default": "hif4/wan2.2_expert",
                     "tooltip": "Saved as models/diffusion_models/<prefix>_NNNNN.safetensors."}),
             },
+            "optional": policy.quantization_inputs(),
         }
 
     RETURN_TYPES = ()
@@ -125,20 +126,21 @@ class HiF4SaveModel:
                    "the PTQ state's masks embedded (28% of their bf16 size), everything else unchanged. Load it with "
                    "'Load HiF4 Diffusion Model'.")
 
-    def save(self, model, ptq_state, expert, filename_prefix):
+    def save(self, model, ptq_state, expert, filename_prefix, **choices):
         if adapter.is_packed_model(model):
             raise ValueError("this MODEL is already a packed HiF4 model; it is saved as it was loaded")
         if adapter.is_quantized(model):
             raise ValueError("connect the model from before 'Apply HiFloat4 W4A4': 'Save HiF4 Model' quantizes it "
                              "itself with the PTQ state")
-        name = adapter.select_expert(model, ptq_state, expert).name
+        config = policy.w4a4_config(ptq_state, expert, **choices)
+        name = adapter.plan_for(model, config).expert  # refuse a wrong model before creating any folder
         subfolder, base = policy.split_prefix(filename_prefix, FOLDER)
         folder = safefile.output_folder(adapter.save_dir(FOLDER), subfolder, what=FOLDER,
                                         error=hexport.HiF4CheckpointError)
         filename = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
         path = safefile.safe_output_path(folder, filename, what="model file", suffix=hexport.SUFFIX,
                                          error=hexport.HiF4CheckpointError)
-        report = adapter.export_packed(model, ptq_state, name, path)
+        report = adapter.export_packed(model, config, path)
         texts = [adapter.tell(w, logging.WARNING)["text"][0] for w in report.warnings]
         texts += adapter.tell(f"saved packed HiF4 model {os.path.join(FOLDER, subfolder, filename)} ({name} expert); "
                               "load it with Load HiF4 Diffusion Model (press R)")["text"]

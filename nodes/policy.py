@@ -9,10 +9,54 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+from hifloat4 import plan as hplan
+from hifloat4 import state as hstate
 from hifloat4.experts import EXPERTS, HIGH, LOW, SINGLE  # noqa: F401  (the nodes' expert choices)
 
 STATE_EXT = ".safetensors"
 _COUNTER_DIGITS = 5
+
+
+# --------------------------------------------------------------------------- quantization choices
+
+AS_CALIBRATED = "as calibrated"  # the combos' word for None in hifloat4.plan.W4A4Config
+ALPHA_AS_CALIBRATED = -1.0  # the same for the alpha widget (a FLOAT widget cannot show a word)
+STATISTIC_CHOICES = (AS_CALIBRATED, *hstate.REMASK_STATISTICS)
+ROTATION_CHOICES = (AS_CALIBRATED, *hplan.ROTATIONS)
+
+
+def quantization_inputs() -> dict:
+    """The optional inputs of Apply HiFloat4 W4A4 and Save HiF4 Model: the same choices
+    on both, so a tuned Apply can be saved as exactly the model it ran."""
+    return {
+        "alpha": ("FLOAT", {"default": ALPHA_AS_CALIBRATED, "min": -1.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Re-derive masks with another alpha (-1: as calibrated)."}),
+        "statistic": (list(STATISTIC_CHOICES), {
+            "default": AS_CALIBRATED,
+            "tooltip": "Re-derive masks from another statistic; none = plain HiF4 without smoothing; adaptive = "
+                       "per layer, whichever of p99 / p99.9 / p99.99 / max gave the lowest error at calibration."}),
+        "rotation": (list(ROTATION_CHOICES), {"default": AS_CALIBRATED,
+                                              "tooltip": "Block Hadamard rotation after the mask (beyond the paper)."}),
+        "rotation_block": ("INT", {"default": 512, "min": 1, "max": hplan.MAX_ROTATION_BLOCK,
+                                   "tooltip": "Hadamard block size when rotation is hadamard (the largest power of "
+                                              "two dividing each layer's inputs, up to this, is used)."}),
+        "keep_high_precision": ("INT", {
+            "default": 0, "min": 0, "max": 10000,
+            "tooltip": "Leave the N layers that W4A4 hurts most (measured at calibration) unquantized: a little "
+                       "speed and memory for quality. The node lists them and what they cost."}),
+    }
+
+
+def w4a4_config(state, expert: str, alpha: float = ALPHA_AS_CALIBRATED, statistic: str = AS_CALIBRATED,
+                rotation: str = AS_CALIBRATED, rotation_block: int = 512,
+                keep_high_precision: int = 0) -> hplan.W4A4Config:
+    """The node inputs of quantization_inputs() as the core's config (the one place
+    where "as calibrated" and alpha -1 become None)."""
+    return hplan.W4A4Config(
+        state, expert=expert, alpha=None if alpha < 0 else float(alpha),
+        statistic=None if statistic == AS_CALIBRATED else statistic,
+        rotation=None if rotation == AS_CALIBRATED else rotation, rotation_block=int(rotation_block),
+        keep_high_precision=int(keep_high_precision))
 
 
 # --------------------------------------------------------------------------- prompts

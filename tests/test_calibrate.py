@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from hifloat4 import wan
-from hifloat4.calibrate import CalibConfig, build_state, calibrate, layers_from_state, observe
+from hifloat4.calibrate import CalibConfig, build_state, calibrate, observe
 from hifloat4.experts import HIGH, LOW
 from hifloat4.sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
-from hifloat4.linear import HiF4Linear, quantize_
+from hifloat4.linear import HiF4Linear
+from hifloat4.plan import W4A4Config
+from hifloat4.quantize import quantize_
 from hifloat4.rotation import Rotation
 from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
 from hifloat4.state import load_state, remask, save_state
@@ -182,22 +184,13 @@ def test_calibrate_observes_each_expert_only_while_run_drives_it(experts, contex
     assert all(not m._forward_pre_hooks for e in experts.values() for m in e.modules())
 
 
-def test_layers_from_state_gives_every_main_layer_its_mask_and_the_rotation(state):
-    rotated = copy.copy(state)
-    rotated.rotation = {"block": 64, "seed": 1}
-    layers = layers_from_state(rotated, LOW)
-    assert list(layers) == list(state.experts[LOW].layers)
-    assert torch.equal(layers["blocks.0.ffn.0"].mask, state.experts[LOW].layers["blocks.0.ffn.0"].mask)
-    assert {q.rotation for q in layers.values()} == {Rotation(block=64, seed=1)}
-
-
 def test_quantized_model_differs_from_float_but_stays_close(state, experts):
     """HiF4 keeps 3 magnitude bits per value: one quantized tensor has a relative RMS
     error of a few percent, a W4A4 product of two such tensors ~10%, and the residual
     stream keeps the end-to-end error of that order (measured ~0.08-0.13 on this
     model). 0.25 leaves a 2x margin; 0.01 proves quantization is really applied."""
     model = experts[HIGH]
-    quantized = quantize_(copy.deepcopy(model), layers_from_state(state, HIGH))
+    quantized = quantize_(copy.deepcopy(model), W4A4Config(state, expert=HIGH))
     assert sum(isinstance(m, HiF4Linear) for m in quantized.modules()) == len(wan.main_linear_names(model))
     x, t, ctx = example_inputs(model, frames=2, height=8, width=8, text_len=16, timestep=700.0, seed=5)
     with torch.no_grad():

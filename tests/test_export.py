@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from hifloat4 import export as hexp
 from hifloat4 import quantize_
 from hifloat4 import state as hstate
-from hifloat4.calibrate import CalibConfig, calibrate, layers_from_state
+from hifloat4.calibrate import CalibConfig, calibrate
+from hifloat4.plan import W4A4Config
 from hifloat4.packed_linear import PackedHiF4Linear, pack_weight
 from hifloat4.rotation import Rotation
 from hifloat4.tiny_wan import TinyWan, example_inputs, make_tiny_wan
@@ -91,7 +92,7 @@ def _rewrite(src, dst, tensors=None, meta=None):
 # --------------------------------------------------------------------------- round trip
 
 def test_exported_model_runs_bit_identical_to_fake_quant(files, models, ptq_state):
-    fake = quantize_(copy.deepcopy(models[HIGH]), layers_from_state(ptq_state, HIGH))
+    fake = quantize_(copy.deepcopy(models[HIGH]), W4A4Config(ptq_state, expert=HIGH))
     packed = _install(files["packed"])
     x, t, ctx = example_inputs(models[HIGH], text_len=8, seed=3)
     with torch.no_grad():
@@ -144,7 +145,7 @@ def test_auto_expert_picks_the_matching_one_and_prefixed_sources_work(files, tmp
     assert hexp.main(["--model", str(prefixed), "--state", str(files["state"]), "--out", str(out)]) == 0
     ck = hexp.load_hif4_checkpoint(out)
     assert ck.expert == LOW and "first_stage_model.decoder.weight" not in ck.tensors
-    fake = quantize_(copy.deepcopy(models[LOW]), layers_from_state(ptq_state, LOW))
+    fake = quantize_(copy.deepcopy(models[LOW]), W4A4Config(ptq_state, expert=LOW))
     x, t, ctx = example_inputs(models[LOW], text_len=8)
     with torch.no_grad():
         assert torch.equal(_install(out)(x, t, ctx), fake(x, t, ctx))
@@ -159,9 +160,7 @@ def test_rotation_of_the_state_is_packed_and_recorded(files, tmp_path, models, p
     ck = hexp.load_hif4_checkpoint(out)
     assert ck.layers["blocks.0.ffn.2"].rotation == Rotation(block=256, seed=7)  # largest power of 2 dividing 256
     assert ck.layers["blocks.0.ffn.0"].rotation == Rotation(block=128, seed=7)
-    layers = {n: type(q)(q.mask, Rotation(block=ck.layers[n].rotation.block, seed=7))
-              for n, q in layers_from_state(rotated, HIGH).items()}
-    fake = quantize_(copy.deepcopy(models[HIGH]), layers)
+    fake = quantize_(copy.deepcopy(models[HIGH]), W4A4Config(rotated, expert=HIGH))
     x, t, ctx = example_inputs(models[HIGH], text_len=8)
     with torch.no_grad():
         assert torch.equal(_install(out)(x, t, ctx), fake(x, t, ctx))
@@ -251,7 +250,7 @@ def test_a_failed_export_leaves_neither_output_nor_temp_file(files, tmp_path):
 
     state = hstate.load_state(files["state"])
     with pytest.raises(RuntimeError, match="disk gone"):
-        hexp.export_expert(Broken(files[HIGH]), state, HIGH, tmp_path / "out.safetensors")
+        hexp.export_expert(Broken(files[HIGH]), W4A4Config(state, expert=HIGH), tmp_path / "out.safetensors")
     assert os.listdir(tmp_path) == []
 
 
@@ -380,7 +379,7 @@ def test_install_refuses_a_model_of_other_shapes(files):
 
 def test_export_reports_progress_from_zero_to_the_total(files, tmp_path):
     seen = []
-    hexp.export_expert(hexp.SafetensorsSource(files[HIGH]), hstate.load_state(files["state"]), HIGH,
+    hexp.export_expert(hexp.SafetensorsSource(files[HIGH]), W4A4Config(hstate.load_state(files["state"]), expert=HIGH),
                        tmp_path / "p.safetensors", progress=lambda done, total: seen.append((done, total)))
     assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0
     assert all(a[0] <= b[0] and a[1] == b[1] for a, b in zip(seen, seen[1:]))
@@ -398,7 +397,7 @@ def test_a_cancelled_export_leaves_neither_output_nor_temp_file(files, tmp_path)
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        hexp.export_expert(hexp.SafetensorsSource(files[HIGH]), hstate.load_state(files["state"]), HIGH,
+        hexp.export_expert(hexp.SafetensorsSource(files[HIGH]), W4A4Config(hstate.load_state(files["state"]), expert=HIGH),
                            tmp_path / "c.safetensors", cancel=cancel)
     assert os.listdir(tmp_path) == []
 

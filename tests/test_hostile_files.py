@@ -25,6 +25,7 @@ from hifloat4 import export as hexp
 from hifloat4 import inspect_state, safefile
 from hifloat4 import state as hstate
 from hifloat4.calibrate import CalibConfig, calibrate
+from hifloat4.plan import W4A4Config
 from hifloat4.safefile import HiF4FileError
 from hifloat4.tiny_wan import example_inputs, make_tiny_wan
 
@@ -59,7 +60,7 @@ def files(tmp_path_factory):
     paths = {"state": d / "state.safetensors", "model": d / "model.safetensors", "packed": d / "packed.safetensors"}
     hstate.save_state(paths["state"], state)
     save_file({k: v.bfloat16() for k, v in model.state_dict().items()}, str(paths["model"]))
-    hexp.export_expert(hexp.SafetensorsSource(paths["model"]), state, HIGH, paths["packed"])
+    hexp.export_expert(hexp.SafetensorsSource(paths["model"]), W4A4Config(state, expert=HIGH), paths["packed"])
     return paths
 
 
@@ -156,7 +157,7 @@ def test_a_source_model_with_block_index_10_to_the_12_is_refused_by_export(files
     path = str(tmp_path / "far_model.safetensors")
     save_file(tensors, path)
     state = hstate.load_state(files["state"])
-    _bounded(lambda: hexp.export_expert(hexp.SafetensorsSource(path), state, "auto", tmp_path / "o.safetensors"),
+    _bounded(lambda: hexp.export_expert(hexp.SafetensorsSource(path), W4A4Config(state), tmp_path / "o.safetensors"),
              match="incomplete Wan blocks")
     assert hexp.main(["--model", path, "--state", str(files["state"]), "--out", str(tmp_path / "o.safetensors")]) == 1
     assert not (tmp_path / "o.safetensors").exists()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hifloat4 import HiF4Linear, LayerQuant, prepare_activation, prepare_weight, quantize_, quantize_dequantize
+from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, prepare_activation, prepare_weight, quantize_, quantize_dequantize
 from hifloat4.linear import CHUNK_ELEMENTS, w4a4_linear
 from hifloat4.rotation import Rotation, rotate
 
@@ -84,14 +84,14 @@ def test_mask_of_wrong_length_is_refused():
 
 def test_quantize_replaces_only_the_named_linears():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    quantize_(model, {"0": LayerQuant(torch.ones(64))})
+    quantize_(model, LayersConfig({"0": LayerQuant(torch.ones(64))}))
     assert isinstance(model[0], HiF4Linear) and isinstance(model[2], nn.Linear)
 
 
 def test_quantize_refuses_unknown_or_non_linear_names_and_changes_nothing():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
     with pytest.raises(ValueError, match="not nn.Linear"):
-        quantize_(model, {"0": LayerQuant(torch.ones(64)), "1": LayerQuant(torch.ones(64))})
+        quantize_(model, LayersConfig({"0": LayerQuant(torch.ones(64)), "1": LayerQuant(torch.ones(64))}))
     assert isinstance(model[0], nn.Linear)
 
 

@@ -110,3 +110,30 @@ def test_extra_prompt_takes_the_start_image_entries_of_the_main_prompt():
 def test_extra_prompt_of_a_text_only_main_prompt_is_unchanged():
     encoded = [["extra-text", {"pooled_output": "p"}]]
     assert policy.like_main_prompt(encoded, [["main", {}]]) == encoded
+
+
+# --------------------------------------------------------------------------- quantization choices
+
+def _state():
+    from hifloat4.state import PTQState
+    return PTQState(experts={})
+
+
+def test_as_calibrated_inputs_become_none_in_the_core_config():
+    config = policy.w4a4_config(_state(), "auto")
+    assert (config.alpha, config.statistic, config.rotation, config.keep_high_precision) == (None, None, None, 0)
+
+
+def test_chosen_inputs_pass_through_to_the_core_config():
+    config = policy.w4a4_config(_state(), "high_noise", alpha=0.25, statistic="adaptive", rotation="hadamard",
+                                rotation_block=256, keep_high_precision=3)
+    assert (config.expert, config.alpha, config.statistic, config.rotation, config.rotation_block,
+            config.keep_high_precision) == ("high_noise", 0.25, "adaptive", "hadamard", 256, 3)
+
+
+def test_apply_and_save_declare_the_same_choices_with_their_defaults_as_calibrated():
+    inputs = policy.quantization_inputs()
+    defaults = {k: v[1]["default"] for k, v in inputs.items()}
+    assert defaults == {"alpha": -1.0, "statistic": "as calibrated", "rotation": "as calibrated",
+                        "rotation_block": 512, "keep_high_precision": 0}
+    assert policy.w4a4_config(_state(), "auto", **defaults) == policy.w4a4_config(_state(), "auto")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from hifloat4 import HiF4Linear, LayerQuant, pack, prepare_weight, quantize_
-from hifloat4.calibrate import CalibConfig, calibrate, layers_from_state
+from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, pack, prepare_weight, quantize_
+from hifloat4.calibrate import CalibConfig, calibrate
+from hifloat4.plan import W4A4Config
 from hifloat4.packed_linear import (
     PackedHiF4Linear,
     expand_weight,
@@ -149,9 +150,8 @@ def test_packed_quantize_gives_the_fake_quant_model_bit_for_bit_in_less_memory()
     model = make_tiny_wan("t2v", dim=128, ffn_dim=256, layers=2, text_dim=64)
     x, t, ctx = example_inputs(model, text_len=8)
     state = calibrate({"high_noise": model}, lambda: model(x, t, ctx), CalibConfig())
-    layers = layers_from_state(state, "high_noise")
-    fake = quantize_(copy.deepcopy(model), layers)
-    packed = quantize_(copy.deepcopy(model), layers, PackedHiF4Linear.from_linear)
+    fake = quantize_(copy.deepcopy(model), W4A4Config(state))
+    packed = quantize_(copy.deepcopy(model), W4A4Config(state), packed=True)
     with torch.no_grad():
         assert torch.equal(fake(x, t, ctx), packed(x, t, ctx))
     assert resident_bytes(packed) < 0.45 * resident_bytes(model)  # fp32 model; main weights at 4.5 bits
@@ -159,7 +159,7 @@ def test_packed_quantize_gives_the_fake_quant_model_bit_for_bit_in_less_memory()
 
 def test_packed_quantize_refuses_names_that_are_not_linear_layers():
     with pytest.raises(ValueError, match="not nn.Linear"):
-        quantize_(nn.Sequential(nn.ReLU()), {"0": LayerQuant(torch.ones(4))}, PackedHiF4Linear.from_linear)
+        quantize_(nn.Sequential(nn.ReLU()), LayersConfig({"0": LayerQuant(torch.ones(4))}), packed=True)
 
 
 def test_real_wan_shapes_pack_to_28_percent_main_and_under_32_percent_whole():

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..calibrate import observe
 from ..demo import SQNRMeter
-from ..linear import quantize_
+from ..quantize import LayersConfig, quantize_
 from ..smoothing import weight_absmax
 from ..stats import channel_absmax, channel_percentile
 from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
@@ -220,7 +220,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
     timings["reference"] = time.perf_counter() - t
 
     def measure(layers) -> dict:
-        qmodel = quantize_(copy.deepcopy(model), layers)
+        qmodel = quantize_(copy.deepcopy(model), LayersConfig(layers))
         meter = SQNRMeter(qmodel, model)
         try:
             out = embed(qmodel, held_out)

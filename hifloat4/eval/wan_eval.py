@@ -32,7 +32,7 @@ from .. import demo, wan
 from ..calibrate import observe
 from ..experts import HIGH, LOW
 from ..sampling import BOUNDARY_SIGMA, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
-from ..linear import quantize_
+from ..quantize import LayersConfig, quantize_
 from ..smoothing import weight_absmax
 from ..stats import ChannelStats
 from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
@@ -154,7 +154,7 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
     timings["reference"] = time.perf_counter() - t
 
     def measure(method: Method, k: int) -> dict:
-        quantized = {e: quantize_(copy.deepcopy(reference[e]), layer_map(layer_stats[k][e], method, block))
+        quantized = {e: quantize_(copy.deepcopy(reference[e]), LayersConfig(layer_map(layer_stats[k][e], method, block)))
                      for e in EXPERTS}
         return evaluate(cfg, quantized, reference, ref, held_out, neg, switch, probes)
 

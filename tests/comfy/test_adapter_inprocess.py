@@ -24,6 +24,12 @@ def masks_for(adapter, model, names, seed=0):
     return {n: torch.rand(mods[n].in_features, generator=g) * 2 + 0.25 for n in names}
 
 
+def quants(masks, rotation=None):
+    """{layer: LayerQuant} as hifloat4.plan hands them to the adapter."""
+    from hifloat4.linear import LayerQuant
+    return {n: LayerQuant(m, rotation) for n, m in masks.items()}
+
+
 def layer(adapter, model, name=LAYER):
     return adapter.linear_modules(model, [name])[name]
 
@@ -44,7 +50,7 @@ def test_quantized_clone_computes_the_reference_bits(comfy, model):
     masks = masks_for(adapter, model, [LAYER])
     m = layer(adapter, model)
     w0, x = m.weight.detach().clone(), torch.randn(2, 9, m.in_features)
-    load(comfy, adapter.apply_w4a4(model, masks, lambda n, k: None))
+    load(comfy, adapter.apply_w4a4(model, quants(masks, None)))
     with torch.no_grad():
         assert torch.equal(m(x), reference(comfy, x, w0, m.bias, masks[LAYER]))
 
@@ -56,7 +62,7 @@ def test_rotation_is_applied_to_both_weight_and_activation(comfy, model):
     m = layer(adapter, model)
     rot = Rotation(block=256, seed=5)
     w0, x = m.weight.detach().clone(), torch.randn(2, 9, m.in_features)
-    load(comfy, adapter.apply_w4a4(model, masks, lambda n, k: rot))
+    load(comfy, adapter.apply_w4a4(model, quants(masks, rot)))
     with torch.no_grad():
         expected = torch.nn.functional.linear(L.prepare_activation(x, masks[LAYER], rot),
                                               L.prepare_weight(w0, masks[LAYER], rot), m.bias)
@@ -67,7 +73,7 @@ def test_loading_the_input_model_again_restores_bf16_behaviour(comfy, model):
     adapter = comfy["adapter"]
     m = layer(adapter, model)
     w0, x = m.weight.detach().clone(), torch.randn(2, 9, m.in_features)
-    load(comfy, adapter.apply_w4a4(model, masks_for(adapter, model, [LAYER]), lambda n, k: None))
+    load(comfy, adapter.apply_w4a4(model, quants(masks_for(adapter, model, [LAYER]), None)))
     load(comfy, model)
     with torch.no_grad():
         assert torch.equal(m(x), torch.nn.functional.linear(x, w0, m.bias))
@@ -77,22 +83,22 @@ def test_loading_the_input_model_again_restores_bf16_behaviour(comfy, model):
 def test_apply_leaves_the_input_patcher_untouched(comfy, model):
     adapter = comfy["adapter"]
     before = (dict(model.patches), dict(model.object_patches), model.patches_uuid, repr(model.wrappers))
-    adapter.apply_w4a4(model, masks_for(adapter, model, [LAYER]), lambda n, k: None)
+    adapter.apply_w4a4(model, quants(masks_for(adapter, model, [LAYER]), None))
     assert (dict(model.patches), dict(model.object_patches), model.patches_uuid, repr(model.wrappers)) == before
 
 
 def test_applying_twice_is_refused(comfy, model):
     adapter = comfy["adapter"]
     masks = masks_for(adapter, model, [LAYER])
-    once = adapter.apply_w4a4(model, masks, lambda n, k: None)
+    once = adapter.apply_w4a4(model, quants(masks, None))
     with pytest.raises(ValueError, match="already"):
-        adapter.apply_w4a4(once, masks, lambda n, k: None)
+        adapter.apply_w4a4(once, quants(masks, None))
 
 
 def test_weight_adapter_in_the_lowvram_path_gets_bf16_and_returns_exact_bf16(comfy, model):
     adapter = comfy["adapter"]
     masks = masks_for(adapter, model, [LAYER])
-    clone = adapter.apply_w4a4(model, masks, lambda n, k: None)
+    clone = adapter.apply_w4a4(model, quants(masks, None))
     key = adapter.weight_key(LAYER)
     w = layer(adapter, model).weight.detach().to(torch.bfloat16)
     patched = comfy["comfy.model_patcher"].LowVramPatch(key, clone.patches)(w.clone())
@@ -104,7 +110,7 @@ def test_fingerprint_reads_original_weights_while_a_quantized_clone_is_loaded(co
     adapter = comfy["adapter"]
     before = adapter.model_fingerprint(model)
     names = ["blocks.0.self_attn.q", "blocks.0.ffn.2", "blocks.2.ffn.2", "blocks.3.self_attn.q"]
-    load(comfy, adapter.apply_w4a4(model, masks_for(adapter, model, names), lambda n, k: None))
+    load(comfy, adapter.apply_w4a4(model, quants(masks_for(adapter, model, names), None)))
     assert adapter.model_fingerprint(model) == before
 
 
@@ -113,7 +119,7 @@ def test_fingerprint_reads_original_weights_while_a_quantized_clone_is_loaded(co
 def test_weight_patch_added_after_ours_is_moved_before_the_quantization(comfy, model):
     adapter = comfy["adapter"]
     masks = masks_for(adapter, model, [LAYER])
-    clone = adapter.apply_w4a4(model, masks, lambda n, k: None)
+    clone = adapter.apply_w4a4(model, quants(masks, None))
     key = adapter.weight_key(LAYER)
     w = layer(adapter, model).weight.detach().clone()
     diff = torch.randn_like(w) * 0.05
@@ -128,7 +134,7 @@ def test_weight_patch_added_after_ours_is_moved_before_the_quantization(comfy, m
 
 def test_hook_patches_on_quantized_layers_are_refused(comfy, model):
     adapter = comfy["adapter"]
-    clone = adapter.apply_w4a4(model, masks_for(adapter, model, [LAYER]), lambda n, k: None)
+    clone = adapter.apply_w4a4(model, quants(masks_for(adapter, model, [LAYER]), None))
     clone.hook_patches = {object(): {adapter.weight_key(LAYER): [(1.0, ("diff", (torch.zeros(1),)), 1.0, None, None)]}}
     with pytest.raises(ValueError, match="hook"):
         adapter.order_quantization_last(clone)
@@ -161,7 +167,7 @@ def test_fp8_scaled_model_runs_q_of_its_dequantized_weight(comfy, load_unet):
     masks = masks_for(adapter, model, [LAYER])
     m = layer(adapter, model)
     x = torch.randn(2, 9, m.in_features)
-    load(comfy, adapter.apply_w4a4(model, masks, lambda n, k: None))
+    load(comfy, adapter.apply_w4a4(model, quants(masks, None)))
     with torch.no_grad():
         assert torch.equal(m(x), reference(comfy, x, fp8_file_weight(LAYER), m.bias.float(), masks[LAYER]))
 
@@ -169,7 +175,7 @@ def test_fp8_scaled_model_runs_q_of_its_dequantized_weight(comfy, load_unet):
 def test_fp8_weights_are_quantized_once_per_sampling_run(comfy, load_unet, monkeypatch):
     adapter = comfy["adapter"]
     model = load_unet(FP8_HIGH)
-    clone = adapter.apply_w4a4(model, masks_for(adapter, model, [LAYER]), lambda n, k: None)
+    clone = adapter.apply_w4a4(model, quants(masks_for(adapter, model, [LAYER]), None))
     calls = []
     real = adapter.hlinear.prepare_weight
     monkeypatch.setattr(adapter.hlinear, "prepare_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -191,7 +197,7 @@ def test_comfy_quant_formats_that_hif4_cannot_start_from_are_refused_by_name(com
     for fmt in ("int8_tensorwise", "nvfp4", "mxfp8"):
         m.quant_format = fmt  # what ComfyUI's mixed-precision ops record from a layer's comfy_quant entry
         with pytest.raises(ValueError, match=f"'{fmt}' quantized format"):
-            adapter.apply_w4a4(model, masks_for(adapter, model, [LAYER]), lambda n, k: None)
+            adapter.apply_w4a4(model, quants(masks_for(adapter, model, [LAYER]), None))
     del m.quant_format
 
 
@@ -202,7 +208,7 @@ def test_int8_layers_are_refused_because_the_ffn_bypasses_their_forward(comfy, m
     m = layer(adapter, model, "blocks.0.ffn.2")
     m.quant_format = "int8_tensorwise"
     with pytest.raises(ValueError, match="linear_input_act"):
-        adapter.apply_w4a4(model, masks_for(adapter, model, ["blocks.0.ffn.2"]), lambda n, k: None)
+        adapter.apply_w4a4(model, quants(masks_for(adapter, model, ["blocks.0.ffn.2"]), None))
     del m.quant_format
 
 
@@ -216,7 +222,7 @@ def test_weight_adapter_survives_the_dynamic_vram_rebuild_with_the_same_bits(com
     adapter, mp = comfy["adapter"], comfy["comfy.model_patcher"]
     masks = masks_for(adapter, model, [LAYER])
     rot = Rotation(block=256, seed=3)
-    clone = adapter.apply_w4a4(model, masks, lambda n, k: rot)
+    clone = adapter.apply_w4a4(model, quants(masks, rot))
     key = adapter.weight_key(LAYER)
     w = layer(adapter, model).weight.detach().to(torch.bfloat16)
     expected = comfy["linear"].prepare_weight(w, masks[LAYER], rot)

@@ -1,4 +1,4 @@
-"""The three nodes in a real ComfyUI server on the harness's tiny Wan2.2 models:
+"""The calibrate, load and apply nodes in a real ComfyUI server on the harness's tiny Wan2.2 models:
 calibrate -> file -> load -> apply -> sample for T2V, I2V and TI2V-5B, the bf16
 branch left bit-identical, LoRA order, cancel, fp8 weights."""
 import time

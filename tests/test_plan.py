@@ -1,0 +1,128 @@
+"""Specification of hifloat4.plan (the one decision Apply, Save, export and quantize_
+share) and of quantize_'s typed configs."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from hifloat4 import LayersConfig, W4A4Config, quantize_, wan
+from hifloat4.calibrate import CalibConfig, calibrate
+from hifloat4.experts import HIGH, LOW, ExpertMismatch
+from hifloat4.linear import HiF4Linear
+from hifloat4.packed_linear import PackedHiF4Linear
+from hifloat4.plan import Plan, make_plan
+from hifloat4.rotation import Rotation
+from hifloat4.state import PTQStateError, remask
+from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+
+
+def tiny(expert: str = HIGH, ffn_dim: int = 384):
+    return make_tiny_wan("t2v", dim=128, ffn_dim=ffn_dim, layers=2, text_dim=64, expert=expert)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {HIGH: tiny(HIGH), LOW: tiny(LOW)}
+
+
+@pytest.fixture(scope="module")
+def state(models):
+    def run():
+        for m in models.values():
+            x, t, ctx = example_inputs(m, frames=2, height=8, width=8, text_len=16)
+            m(x, t, ctx)
+    return calibrate(models, run, CalibConfig())
+
+
+def fp(model):
+    return wan.fingerprint(model)
+
+
+def test_the_plan_takes_the_expert_the_model_fingerprint_matches(state, models):
+    assert make_plan(W4A4Config(state), fp(models[LOW])).expert == LOW
+
+
+def test_the_plan_quantizes_every_main_layer_with_the_stored_mask(state, models):
+    plan = make_plan(W4A4Config(state), fp(models[HIGH]))
+    assert list(plan.layers) == list(state.experts[HIGH].layers) and plan.kept == ()
+    assert all(torch.equal(q.mask, state.experts[HIGH].layers[n].mask) for n, q in plan.layers.items())
+    assert set(plan.statistics.values()) == {"tail"}
+
+
+def test_alpha_and_statistic_choices_give_the_masks_remask_gives(state, models):
+    plan = make_plan(W4A4Config(state, alpha=0.3, statistic="max"), fp(models[HIGH]))
+    expected = remask(state, alpha=0.3, statistic="max").experts[HIGH].layers
+    assert all(torch.equal(q.mask, expected[n].mask) for n, q in plan.layers.items())
+    assert set(plan.statistics.values()) == {"max"}
+
+
+def test_a_calibrated_rotation_is_fitted_to_each_layer_and_keeps_its_seed(state, models):
+    rotated = dataclasses.replace(state, rotation={"block": 512, "seed": 7})
+    plan = make_plan(W4A4Config(rotated), fp(models[HIGH]))
+    assert plan.layers["blocks.0.ffn.0"].rotation == Rotation(block=128, seed=7)  # 128 inputs
+    assert plan.layers["blocks.0.ffn.2"].rotation == Rotation(block=128, seed=7)  # 384 = 3 x 128
+
+
+def test_rotation_off_overrides_the_calibrated_rotation(state, models):
+    rotated = dataclasses.replace(state, rotation={"block": 512, "seed": 7})
+    plan = make_plan(W4A4Config(rotated, rotation="off"), fp(models[HIGH]))
+    assert {q.rotation for q in plan.layers.values()} == {None}
+
+
+def test_hadamard_rotation_rounds_the_block_down_to_a_power_of_two(state, models):
+    plan = make_plan(W4A4Config(state, rotation="hadamard", rotation_block=100), fp(models[HIGH]))
+    assert {q.rotation for q in plan.layers.values()} == {Rotation(block=64, seed=0)}
+
+
+def test_another_model_type_is_refused_even_for_a_named_expert(state):
+    with pytest.raises(ExpertMismatch, match="I2V"):
+        make_plan(W4A4Config(state, expert=HIGH), fp(make_tiny_wan("i2v", dim=128, ffn_dim=384, layers=2,
+                                                                  text_dim=64)))
+
+
+def test_a_state_missing_main_layers_of_the_model_is_refused(state, models):
+    partial = copy.deepcopy(state)
+    del partial.experts[HIGH].layers["blocks.1.ffn.2"]
+    with pytest.raises(PTQStateError, match="blocks.1.ffn.2"):
+        make_plan(W4A4Config(partial, expert=HIGH), fp(models[HIGH]))
+
+
+@pytest.mark.parametrize("field, value", [("expert", "middle"), ("alpha", 1.5), ("alpha", True),
+                                          ("statistic", "p42"), ("rotation", "givens"), ("rotation_block", 0),
+                                          ("keep_high_precision", -1), ("keep_high_precision", 1.0)])
+def test_the_config_refuses_out_of_range_choices(state, field, value):
+    with pytest.raises(ValueError, match=field):
+        W4A4Config(state, **{field: value})
+
+
+def test_keeping_layers_costs_their_bf16_size_minus_the_hif4_codes_in_a_packed_file():
+    plan = Plan(expert=HIGH, layers={}, kept=("a",), shapes={"a": (10, 128), "b": (10, 64)}, statistics={})
+    assert plan.kept_values() == 1280
+    assert plan.kept_packed_extra_bytes() == 10 * (128 * 2 - 2 * 36)
+
+
+def test_quantize_with_a_w4a4_config_runs_the_plan_on_the_model(state, models):
+    model = models[HIGH]
+    plan = make_plan(W4A4Config(state), fp(model))
+    by_config = quantize_(copy.deepcopy(model), W4A4Config(state))
+    by_layers = quantize_(copy.deepcopy(model), LayersConfig(plan.layers))
+    x, t, ctx = example_inputs(model, frames=2, height=8, width=8, text_len=16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(by_config(x, t, ctx), by_layers(x, t, ctx))
+    assert sum(isinstance(m, HiF4Linear) for m in by_config.modules()) == len(plan.layers)
+
+
+def test_quantize_finds_the_layers_under_a_key_prefix(state, models):
+    wrapped = nn.Module()
+    wrapped.diffusion_model = copy.deepcopy(models[HIGH])
+    quantize_(wrapped, W4A4Config(state), packed=True)
+    assert isinstance(wrapped.diffusion_model.blocks[0].ffn[0], PackedHiF4Linear)
+
+
+def test_quantize_refuses_an_untyped_config():
+    with pytest.raises(TypeError, match="W4A4Config or a LayersConfig"):
+        quantize_(nn.Linear(4, 4), {"": None})
