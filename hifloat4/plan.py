@@ -111,6 +111,11 @@ def _rotation(config: W4A4Config, state: hstate.PTQState) -> hrotation.Rotation 
     return hrotation.Rotation(block=1 << (config.rotation_block.bit_length() - 1))
 
 
+def rank_by_sensitivity(sensitivity: Mapping[str, float]) -> list[str]:
+    """Layer names, largest W4A4 error first; ties keep the given (policy) order."""
+    return sorted(sensitivity, key=lambda name: -sensitivity[name])
+
+
 def most_sensitive(expert: hstate.ExpertState, n: int) -> tuple[str, ...]:
     """The n layers with the largest W4A4 error measured at calibration (ties: policy order)."""
     if n == 0:
@@ -123,8 +128,7 @@ def most_sensitive(expert: hstate.ExpertState, n: int) -> tuple[str, ...]:
             "this version, or set keep_high_precision to 0.")
     if n > len(expert.layers):
         raise ValueError(f"keep_high_precision is {n}, but the expert has only {len(expert.layers)} main layers")
-    ranked = sorted(expert.layers, key=lambda name: -hstate.sensitivity(expert.layers[name]))  # stable
-    return tuple(ranked[:n])
+    return tuple(rank_by_sensitivity({name: hstate.sensitivity(ls) for name, ls in expert.layers.items()})[:n])
 
 
 def make_plan(config: W4A4Config, fingerprint: Mapping) -> Plan:
