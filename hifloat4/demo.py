@@ -46,14 +46,17 @@ from .experts import HIGH, LOW
 from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from .format import GROUP_SIZE, quantize_dequantize
 from .linear import HiF4Linear
-from .plan import W4A4Config
-from .quantize import quantize_
-from .state import FIELD_DTYPES, TENSOR_FIELDS, PTQState, load_state, remask, save_state, state_nbytes
+from .eval.keep_eval import keep_sweep
+from .plan import W4A4Config, make_plan
+from .quantize import LayersConfig, quantize_
+from .state import FIELD_DTYPES, TENSOR_FIELDS, PTQState, load_state, remask, save_state, sensitivity, state_nbytes
 from .tiny_wan import TinyWan, WanConfig, make_tiny_wan
 
 METHODS = ("none", "max", "tail", "tail_rotation")
 METHOD_LABELS = {"none": "W4A4, no smoothing", "max": "W4A4, max (SmoothQuant)",
                  "tail": "W4A4, tail-aware p99.9", "tail_rotation": "W4A4, tail-aware + Hadamard"}
+KEEP_NS = (0, 2, 4, 8)  # layers kept in high precision per expert (of 40; 20 with --quick)
+KEEP_SEEDS = (0, 1)  # random orders averaged in the demo (the eval uses more)
 TIE_MARGIN = 0.02  # relative differences below 2% are reported as a tie, not a win
 NEAR_MAX = 0.95  # mean tail/max above this: tail-aware and max masks are nearly the same masks
 ENCODER_SEED = 20250  # the synthetic text encoder's fixed outlier channels
@@ -265,6 +268,26 @@ def evaluate(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[s
             "final_latent_rel_err": sum(m.finals) / len(m.finals), "mean_layer_sqnr_db": sum(sqnr) / len(sqnr)}
 
 
+def keep_sensitive(cfg: DemoConfig, state: PTQState, reference: dict[str, nn.Module], ref: Reference, prompts,
+                   neg: Tensor, switch: int) -> dict:
+    """Final-latent error with the N most sensitive layers per expert kept in high
+    precision (keep_high_precision) against N random ones, N in KEEP_NS."""
+    plans = {e: make_plan(W4A4Config(state, expert=e), wan.fingerprint(reference[e])) for e in (HIGH, LOW)}
+    groups = {e: (list(p.layers), {n: sensitivity(state.experts[e].layers[n]) for n in p.layers})
+              for e, p in plans.items()}
+
+    def error(kept) -> float:
+        quantized = {e: quantize_(copy.deepcopy(reference[e]),
+                                  LayersConfig({n: q for n, q in plans[e].layers.items() if n not in kept[e]}))
+                     for e in (HIGH, LOW)}
+        with torch.no_grad():
+            finals = [_sample(cfg, quantized, ctx, neg, noise_seed(cfg, "eval", i), switch) for i, ctx in enumerate(prompts)]
+        return sum(_rel(f, r) for f, r in zip(finals, ref.finals)) / len(finals)
+
+    out = keep_sweep(groups, error, KEEP_NS, KEEP_SEEDS, orders=("sensitive", "random"))
+    return {k: out[k] for k in ("n", "sensitive", "random")}
+
+
 # --------------------------------------------------------------------------- verdict
 
 def compare(a: dict, b: dict) -> str:
@@ -296,6 +319,18 @@ def verdict_lines(results: dict) -> list[str]:
                 "mixed": f"tail-aware does NOT clearly beat {other} on this model: mixed ({detail})"}[v]
         lines.append(text)
     return lines
+
+
+def keep_verdict(keep: dict) -> list[str]:
+    """One line: at each N > 0, is keeping the most sensitive layers better than random ones?"""
+    words = {-1: "better", 0: "tie", 1: "worse"}
+    parts = []
+    for n, s, r in zip(keep["n"], keep["sensitive"], keep["random"]):
+        if n:
+            diff = (s - r) / max(r, 1e-30)
+            sign = 0 if abs(diff) < TIE_MARGIN else (-1 if diff < 0 else 1)
+            parts.append(f"N={n}: {s:.4f} vs {r:.4f} ({words[sign]})")
+    return ["keeping the N most sensitive layers vs N random ones, final latent: " + "; ".join(parts)]
 
 
 # --------------------------------------------------------------------------- report
@@ -331,6 +366,12 @@ def render(cfg: DemoConfig, summary: dict) -> str:
             lines.append(f"{label:<40} {r['denoiser_rel_err']:>12.4f} {r['denoiser_rel_err_high']:>8.4f} "
                          f"{r['denoiser_rel_err_low']:>8.4f} {r['final_latent_rel_err']:>13.4f} "
                          f"{r['mean_layer_sqnr_db']:>8.2f} dB")
+    k = summary["keep_sensitive"]
+    lines += ["", f"kept in high precision per expert (keep_high_precision): final-latent error, tail p{cfg.percentile:g}",
+              f"{'layers kept':<40} " + " ".join(f"{n:>8}" for n in k["n"])]
+    for order, label in (("sensitive", "most sensitive at calibration"),
+                         ("random", f"random (mean of {len(KEEP_SEEDS)} seeds)")):
+        lines.append(f"{label:<40} " + " ".join(f"{v:>8.4f}" for v in k[order]))
     s, p = summary["size"], summary["size"]["a14b_projection"]
     lines += ["",
               f"state file: {_fmt_bytes(s['state_file_bytes'])} ({s['state_file_bytes']} bytes, "
@@ -416,6 +457,12 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
         _log(f"evaluate: {METHOD_LABELS[m]}")
         results[m] = evaluate(cfg, quantized[m], reference, ref, eval_prompts, neg, switch, probes)
     timings["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    _log(f"evaluate: keeping {', '.join(map(str, KEEP_NS[1:]))} layers per expert in high precision, "
+         "most sensitive vs random")
+    keep = keep_sensitive(cfg, loaded, reference, ref, eval_prompts, neg, switch)
+    timings["keep_sensitive"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     layers = [ls for ex in loaded.experts.values() for ls in ex.layers.values()]
@@ -427,6 +474,7 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
                    "tokens_per_call": cfg.tokens_per_call,
                    "reference": "bf16-rounded weights, fp32 compute"},
         "methods": results,
+        "keep_sensitive": keep,
         "size": {"state_file_bytes": file_bytes, "state_tensor_bytes": state_nbytes(loaded),
                  "model_bf16_bytes": model_bytes, "state_pct": 100.0 * file_bytes / model_bytes,
                  "layers": len(layers), "channels": sum(ls.channels for ls in layers),
@@ -437,7 +485,7 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
         "tail_vs_none": compare(results["tail"], results["none"]),
         "state_path": out,
     }
-    summary["verdict"] = verdict_lines(results)
+    summary["verdict"] = verdict_lines(results) + keep_verdict(keep)
     return summary
 
 

@@ -412,3 +412,7 @@ def sensitivity(ls: LayerState) -> float | None:
 
 def adaptive_choice(ls: LayerState) -> str:
     raise PTQStateError("adaptive needs a format-2 state")
+
+
+def missing_features(state: PTQState) -> list[str]:
+    return []

@@ -1,6 +1,8 @@
 """HiF4LoadPTQState: pick a PTQ state file from calib_states."""
 from __future__ import annotations
 
+import logging
+
 from hifloat4 import safefile
 from hifloat4 import state as hstate
 
@@ -31,7 +33,13 @@ class HiF4LoadPTQState:
         problem = _unpicked(state_name)
         if problem:
             raise FileNotFoundError(problem)
-        return (hstate.load_state(self._path(state_name)),)
+        state = hstate.load_state(self._path(state_name))
+        missing = hstate.missing_features(state)
+        if missing:  # still usable: only the choices that need the missing data refuse it
+            note = (f"{state_name} was made by an older version and lacks {' and '.join(missing)}; it works as "
+                    "calibrated, recalibrate it to use those")
+            return {"ui": adapter.tell(note, logging.WARNING), "result": (state,)}
+        return (state,)
 
     @staticmethod
     def _path(state_name) -> str:

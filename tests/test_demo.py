@@ -118,3 +118,16 @@ def test_too_few_steps_for_both_experts_is_refused_with_a_message():
 def test_out_path_must_be_a_safetensors_file(tmp_path):
     code, _, err = _run(["--quick", "--out", str(tmp_path / "state.pt")])
     assert code == 2 and ".safetensors" in err
+
+
+def test_result_reports_final_error_against_kept_layers_for_sensitive_and_random_orders(result):
+    keep = result["keep_sensitive"]
+    assert set(keep) == {"n", "sensitive", "random"}
+    assert keep["n"][0] == 0 and sum(n > 0 for n in keep["n"]) >= 3
+    assert len(keep["sensitive"]) == len(keep["random"]) == len(keep["n"])
+    assert keep["sensitive"][0] == keep["random"][0] == pytest.approx(result["methods"]["tail"]["final_latent_rel_err"])
+    assert all(0 <= v < 0.5 for v in keep["sensitive"] + keep["random"])
+
+
+def test_output_states_plainly_whether_keeping_sensitive_layers_beat_random_ones(quick):
+    assert "keeping the N most sensitive layers vs N random ones" in quick["out"]
