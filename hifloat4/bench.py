@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 from . import wan
 from .calibrate import CalibConfig, calibrate
-from .export import SafetensorsSource, export_expert, install_checkpoint_, load_hif4_checkpoint
+from .checkpoint import install_checkpoint_, load_hif4_checkpoint
+from .export import SafetensorsSource, export_expert
 from .format import GROUP_SIZE, quantize_dequantize
 from .plan import W4A4Config
 from .quantize import quantize_

@@ -4,28 +4,19 @@ Linear weights are packed HiF4 (4.5 bits per value) with the PTQ masks embedded.
 `python -m hifloat4 export --model MODEL.safetensors --state STATE.safetensors
  --expert high_noise --out OUT.safetensors`
 
-File layout (bare Wan keys, the source's key prefix such as "model.diffusion_model."
-removed):
-  "<layer>.weight.hif4"  uint8 (out, ceil(in/64), 36)  pack(rot(W / m)) along in-features
-  "<layer>.hif4_mask"    float32 (in,)                 the channel mask m
-  everything else        unchanged (dtype and values), biases of main layers included;
-                         fp8 "scaled" sources are dequantized (main layers before
-                         packing, other fp8 weights stored as bf16), their scale keys
-                         and the `scaled_fp8` marker dropped
-Metadata: one key, METADATA_KEY, a JSON object: format name/version (the marker),
-HiF4 spec, the expert, the model variant, per-layer shape and rotation, the dtype the
-loaders present the main weights as, the source fingerprint and the PTQ state's
-settings and checksum.
+File layout and validation: hifloat4.checkpoint (the codes under "<layer>.weight",
+the mask as "<layer>.hif4_mask"). Main layers are packed from their real-valued
+weight; every other tensor is carried over unchanged (dtype and values), biases of
+main layers included; fp8 "scaled" sources are dequantized (main layers before
+packing, other fp8 weights stored as bf16), their scale keys and the `scaled_fp8`
+marker dropped.
 
 Writing streams one tensor at a time (the header is planned from shapes first), so a
 28 GB expert is never in memory: peak is about one main layer in float32. The file
 is written to a temporary name in the target directory, fsynced and renamed; progress
-and cancel hooks let a UI show a bar and stop it (nothing is left behind).
-Loading (`load_hif4_checkpoint`) never unpickles: safetensors only, and everything is
-validated first (hifloat4.safefile's header checks, marker, version, metadata types
-and ranges, the exact key set and shapes of a Wan transformer of the file's
-dimensions, dtypes, shapes against the per-layer metadata, finite positive masks).
-The exporter runs the same header check on what it plans to write before writing.
+and cancel hooks let a UI show a bar and stop it (nothing is left behind). The
+exporter runs the loader's header check (checkpoint.check_header) on what it plans
+to write before writing.
 """
 from __future__ import annotations
 
@@ -34,56 +25,27 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import experts as hexperts
 from . import rotation as hrotation
 from . import state as hstate
 from . import wan as hwan
+from .checkpoint import (FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ST_DTYPES, ST_NAMES, SUFFIX, WEIGHT_DTYPES,
+                         HiF4CheckpointError, check_header, codes_key, mask_key, read_hif4_header)
 from .format import GROUP_SIZE
-from .packed_linear import PackedHiF4Linear, pack_weight
-from .packing import BYTES_PER_GROUP, PackedHiF4
-from .plan import ROTATIONS, W4A4Config, make_plan
-from .rotation import Rotation
-from .safefile import HiF4FileError, atomic_file, few, loads_json, read_header
-
-FORMAT_NAME = "hifloat4-packed-wan"
-FORMAT_VERSION = 1
-METADATA_KEY = "hifloat4_packed"
-PACKED_SUFFIX = ".weight.hif4"
-MASK_SUFFIX = ".hif4_mask"
-SUFFIX = ".safetensors"
-
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
-}
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-FLOAT_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_BLOCKS = 1024  # Wan2.2 has 30 or 40; bounds the model a header can make the loader describe
-log = logging.getLogger("hifloat4")
-_META_TYPES = {
-    "format": str, "format_version": int, "hif4_spec": str, "group_size": int, "bytes_per_group": int,
-    "expert": str, "weight_dtype": str, "model": dict, "layers": dict, "source": dict, "ptq": dict,
-    "tool_version": str,
-}
-
-
-class HiF4CheckpointError(HiF4FileError):
-    """Anything wrong with a packed HiF4 checkpoint or an export; the message names it."""
+from .linear import MASK_NAME
+from .packed_linear import pack_weight
+from .packing import BYTES_PER_GROUP
+from .plan import ROTATIONS, W4A4Config, make_plan, packed_nbytes
+from .safefile import HiF4FileError, atomic_file, few, read_header
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -265,14 +227,22 @@ class ExportReport:
     mask_bytes: int
     other_bytes: int
     file_bytes: int
+    kept: list[str] = field(default_factory=list)  # main layers stored unquantized, most sensitive first
+    kept_bytes: int = 0  # their weights as stored
+    kept_packed_bytes: int = 0  # what they would have taken as HiF4 codes + masks
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         pct = 100.0 * self.codes_bytes / max(1, self.main_bf16_bytes)
-        return (f"exported the {self.expert!r} expert of {self.variant} -> {self.path}\n"
-                f"  {self.layers} main layers packed: {_size(self.main_bf16_bytes)} as bf16 -> "
-                f"{_size(self.codes_bytes)} HiF4 codes ({pct:.2f}%) + {_size(self.mask_bytes)} masks\n"
-                f"  other tensors: {_size(self.other_bytes)}; file: {_size(self.file_bytes)}")
+        lines = [f"exported the {self.expert!r} expert of {self.variant} -> {self.path}",
+                 f"  {self.layers} main layers packed: {_size(self.main_bf16_bytes)} as bf16 -> "
+                 f"{_size(self.codes_bytes)} HiF4 codes ({pct:.2f}%) + {_size(self.mask_bytes)} masks"]
+        if self.kept:
+            lines.append(f"  {len(self.kept)} most sensitive main layers kept unquantized ({', '.join(self.kept)}): "
+                         f"{_size(self.kept_bytes)}, {_size(self.kept_bytes - self.kept_packed_bytes)} more "
+                         "than packed")
+        lines.append(f"  other tensors: {_size(self.other_bytes)}; file: {_size(self.file_bytes)}")
+        return "\n".join(lines)
 
 
 def _ptq_summary(config: W4A4Config) -> dict:
@@ -310,7 +280,7 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
         raise HiF4CheckpointError(f"{source.name}: {e}") from None
     linears = hwan.linear_shapes(shapes)
     main, _, _ = hwan.classify_layer_names(linears)
-    clash = [k for k in shapes if k.endswith((PACKED_SUFFIX, MASK_SUFFIX))]
+    clash = [k for k in shapes if k.endswith("." + MASK_NAME)]
     if clash:
         raise HiF4CheckpointError(f"the model already has HiF4 tensors ({few(clash)})")
     fp = hwan.fingerprint(shapes, get_weight=lambda n: source.real_weight(n) if n in linears else None)
@@ -318,23 +288,21 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
         plan = make_plan(config, fp)
     except (hexperts.ExpertMismatch, hstate.PTQStateError) as e:
         raise HiF4CheckpointError(str(e)) from None
-    if plan.kept:
-        raise HiF4CheckpointError("keep_high_precision is not supported by packed checkpoints yet")
     name, warning, layers = plan.expert, plan.warning, plan.layers
     rotations = {n: q.rotation for n, q in layers.items()}
     specs: list[_Spec] = []
-    main_keys = {n + ".weight": n for n in main}
-    keys = (set(shapes) - set(main_keys)) | {n + PACKED_SUFFIX for n in main} | {n + MASK_SUFFIX for n in main}
-    for key in sorted(keys):
-        if key.endswith(PACKED_SUFFIX):
-            n = key[: -len(PACKED_SUFFIX)]
+    codes = {codes_key(n): n for n in layers}  # kept layers' weights are carried over as they are
+    masks = {mask_key(n): n for n in layers}
+    for key in sorted(set(shapes) | set(masks)):
+        if key in codes:
+            n = codes[key]
             out_f, in_f = linears[n]
             mask, r = layers[n].mask, rotations[n]
             specs.append(_Spec(key, torch.uint8, (out_f, math.ceil(in_f / GROUP_SIZE), BYTES_PER_GROUP),
                                lambda n=n, mask=mask, r=r: pack_weight(source.real_weight(n), mask, r).data,
                                work=out_f * in_f))
-        elif key.endswith(MASK_SUFFIX):
-            n = key[: -len(MASK_SUFFIX)]
+        elif key in masks:
+            n = masks[key]
             specs.append(_Spec(key, torch.float32, (linears[n][1],), lambda n=n: layers[n].mask.float()))
         else:
             specs.append(_Spec(key, source.stored_dtype(key), tuple(shapes[key]), lambda key=key: source.tensor(key)))
@@ -347,350 +315,28 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
                   "out_dim": variant.out_dim, "text_dim": variant.text_dim},
         "layers": {n: {"shape": list(linears[n]),
                        "rotation": hrotation.to_meta(rotations[n])}
-                   for n in main},
+                   for n in layers},
+        "kept": list(plan.kept),
         "source": {"name": source.name, "fingerprint": fp, "expert_requested": config.expert,
                    "expert_matched": warning is None},
         "ptq": _ptq_summary(config),
         "tool_version": hstate.tool_version(),
     }
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
-    _check_tensor_header(_plan_header(specs, metadata), _parse_metadata({"__metadata__": metadata}))
-    # ^ what a loader will check, before writing anything
+    check_header(_plan_header(specs, metadata))  # what a loader will check, before writing anything
     size = write_safetensors_streaming(out_path, specs, metadata, progress, cancel)
     read_hif4_header(out_path)  # the written header parses and validates
-    codes = sum(s.nbytes for s in specs if s.key.endswith(PACKED_SUFFIX))
-    masks = sum(s.nbytes for s in specs if s.key.endswith(MASK_SUFFIX))
-    main_values = sum(math.prod(linears[n]) for n in main)
+    codes_bytes = sum(s.nbytes for s in specs if s.key in codes)
+    mask_bytes = sum(s.nbytes for s in specs if s.key in masks)
+    kept_keys = {codes_key(n) for n in plan.kept}
+    kept_bytes = sum(s.nbytes for s in specs if s.key in kept_keys)
     return ExportReport(
-        path=out_path, expert=name, variant=variant.describe(), layers=len(main),
-        main_bf16_bytes=2 * main_values, codes_bytes=codes, mask_bytes=masks,
-        other_bytes=sum(s.nbytes for s in specs) - codes - masks, file_bytes=size,
+        path=out_path, expert=name, variant=variant.describe(), layers=len(layers),
+        main_bf16_bytes=2 * sum(math.prod(linears[n]) for n in layers), codes_bytes=codes_bytes,
+        mask_bytes=mask_bytes, other_bytes=sum(s.nbytes for s in specs) - codes_bytes - mask_bytes - kept_bytes,
+        file_bytes=size, kept=list(plan.kept), kept_bytes=kept_bytes,
+        kept_packed_bytes=sum(packed_nbytes(*linears[n]) for n in plan.kept),
         warnings=[warning] if warning else [])
-
-
-# --------------------------------------------------------------------------- reading
-
-@dataclass
-class PackedLayer:
-    packed: PackedHiF4  # dtype float32
-    mask: Tensor
-    rotation: Rotation | None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.packed.shape  # type: ignore[return-value]
-
-
-@dataclass
-class HiF4Checkpoint:
-    path: str
-    meta: dict
-    layers: dict[str, PackedLayer]  # main layers, policy order
-    tensors: dict[str, Tensor]  # everything else (biases of main layers included), bare keys
-
-    @property
-    def expert(self) -> str:
-        return self.meta["expert"]
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return WEIGHT_DTYPES[self.meta["weight_dtype"]]
-
-    def logical_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The model's tensor shapes as an unpacked state dict would have them."""
-        shapes = {k: tuple(t.shape) for k, t in self.tensors.items()}
-        shapes.update({n + ".weight": layer.shape for n, layer in self.layers.items()})
-        return shapes
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values()) + sum(
-            layer.packed.nbytes + layer.mask.numel() * 4 for layer in self.layers.values())
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_metadata(meta) -> None:
-    if not isinstance(meta, dict):
-        raise HiF4CheckpointError("bad HiF4 metadata: not a JSON object")
-    if meta.get("format") != FORMAT_NAME:
-        raise HiF4CheckpointError(f"wrong format marker {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if not _is_int(meta.get("format_version")) or meta["format_version"] != FORMAT_VERSION:
-        raise HiF4CheckpointError(f"unsupported HiF4 checkpoint version {meta.get('format_version')!r}; "
-                                  f"this tool reads version {FORMAT_VERSION}")
-    missing, unknown = set(_META_TYPES) - set(meta), set(meta) - set(_META_TYPES)
-    if missing:
-        raise HiF4CheckpointError(f"metadata fields missing: {few(missing)}")
-    if unknown:
-        raise HiF4CheckpointError(f"unknown metadata fields: {few(unknown)}")
-    for key, typ in _META_TYPES.items():
-        if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
-            raise HiF4CheckpointError(f"metadata field {key!r} has type {type(meta[key]).__name__}, "
-                                      f"expected {typ.__name__}")
-    if meta["group_size"] != GROUP_SIZE or meta["bytes_per_group"] != BYTES_PER_GROUP:
-        raise HiF4CheckpointError(f"group layout {meta['group_size']}/{meta['bytes_per_group']} bytes is not "
-                                  f"HiF4's {GROUP_SIZE}/{BYTES_PER_GROUP}")
-    if not _EXPERT_RE.fullmatch(meta["expert"]):
-        raise HiF4CheckpointError(f"bad expert name {meta['expert']!r}")
-    if meta["weight_dtype"] not in WEIGHT_DTYPES:
-        raise HiF4CheckpointError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {meta['weight_dtype']!r}")
-    if not meta["layers"]:
-        raise HiF4CheckpointError("no packed layers in metadata")
-    for name, info in meta["layers"].items():
-        _check_layer_meta(name, info)
-
-
-def _check_layer_meta(name, info) -> None:
-    match = hwan._MAIN_RE.fullmatch(name) if isinstance(name, str) else None
-    if match is None:
-        raise HiF4CheckpointError(f"packed layer {str(name)[:80]!r} is not a Wan main layer name")
-    if len(match.group(1)) > 4 or int(match.group(1)) >= MAX_BLOCKS:
-        raise HiF4CheckpointError(f"packed layer {name[:80]!r}: block index beyond {MAX_BLOCKS - 1}")
-    if not (isinstance(info, dict) and set(info) == {"shape", "rotation"}):
-        raise HiF4CheckpointError(f"layer {name!r}: metadata must have exactly shape and rotation")
-    shape, rot = info["shape"], info["rotation"]
-    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and 0 < s < 2**31 for s in shape)):
-        raise HiF4CheckpointError(f"layer {name!r}: shape must be [out, in] positive ints, got {shape!r}")
-    if rot is not None:
-        if not (isinstance(rot, dict) and set(rot) == {"block", "seed"}):
-            raise HiF4CheckpointError(f"layer {name!r}: rotation must be null or {{block, seed}}, got {rot!r}")
-        try:
-            Rotation(block=rot["block"], seed=rot["seed"]).check(shape[1])
-        except ValueError as e:
-            raise HiF4CheckpointError(f"layer {name!r}: {e}") from None
-
-
-def _check_tensor_header(header: dict, meta: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{key: (dtype name, shape)} after checking the key set, dtypes and shapes."""
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if not (isinstance(info, dict) and info.get("dtype") in ST_DTYPES and isinstance(info.get("shape"), list)
-                and all(_is_int(s) and s >= 0 for s in info["shape"])):
-            raise HiF4CheckpointError(f"tensor {key!r}: bad header entry")
-        entries[key] = (info["dtype"], tuple(info["shape"]))
-    layers = meta["layers"]
-    expected = {n + PACKED_SUFFIX for n in layers} | {n + MASK_SUFFIX for n in layers}
-    missing = expected - set(entries)
-    if missing:
-        raise HiF4CheckpointError(f"missing tensors: {few(missing)}")
-    stray = {k for k in entries if k.endswith((PACKED_SUFFIX, MASK_SUFFIX))} - expected
-    if stray:
-        raise HiF4CheckpointError(f"HiF4 tensors for layers not in the metadata: {few(stray)}")
-    unpacked = {n + ".weight" for n in layers} & set(entries)
-    if unpacked:
-        raise HiF4CheckpointError(f"packed layers also carry an unpacked weight: {few(unpacked)}")
-    for n, info in layers.items():
-        out_f, in_f = info["shape"]
-        want = {n + PACKED_SUFFIX: ("U8", (out_f, math.ceil(in_f / GROUP_SIZE), BYTES_PER_GROUP)),
-                n + MASK_SUFFIX: ("F32", (in_f,))}
-        if n + ".bias" in entries:
-            want[n + ".bias"] = (entries[n + ".bias"][0], (out_f,))
-        for key, (dt, shape) in want.items():
-            if entries[key] != (dt, shape):
-                raise HiF4CheckpointError(f"tensor {key!r} is {entries[key][0]} {list(entries[key][1])}, "
-                                          f"expected {dt} {list(shape)} from the layer metadata")
-    for key, (dt, _) in entries.items():
-        if key not in expected and dt not in FLOAT_NAMES:
-            raise HiF4CheckpointError(f"tensor {key!r} has dtype {dt}; only floating-point tensors are carried over")
-    shapes = {k: s for k, (_, s) in entries.items() if k not in expected}
-    shapes.update({n + ".weight": tuple(info["shape"]) for n, info in layers.items()})
-    try:
-        variant = hwan.detect_variant(shapes)
-    except hwan.NotWanError as e:
-        raise HiF4CheckpointError(f"not a complete Wan model: {e}") from None
-    main = set(hwan.main_linear_names(shapes))
-    if main != set(layers):
-        raise HiF4CheckpointError(f"main layers not packed: {few(main - set(layers))}")
-    model = meta["model"]
-    for k in ("dim", "ffn_dim", "layers", "in_dim", "out_dim"):
-        if model.get(k) != getattr(variant, k):
-            raise HiF4CheckpointError(f"metadata says {k} = {model.get(k)!r}, the tensors give {getattr(variant, k)}")
-    reference = _reference_shapes(shapes, variant)
-    if set(reference) != set(shapes):
-        raise HiF4CheckpointError(f"not the key set of a Wan transformer of these dimensions: unexpected "
-                                  f"{few(set(shapes) - set(reference)) or 'none'}; missing "
-                                  f"{few(set(reference) - set(shapes)) or 'none'}")
-    wrong = [k for k in reference if reference[k] != shapes[k]]
-    if wrong:
-        raise HiF4CheckpointError(f"tensor {wrong[0]!r} has shape {list(shapes[wrong[0]])}, a Wan transformer of "
-                                  f"these dimensions has {list(reference[wrong[0]])}")
-    return entries
-
-
-def _reference_shapes(shapes: Mapping[str, tuple[int, ...]], variant: hwan.WanVariant) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Wan transformer with these dimensions and its shape: ComfyUI's
-    WanModel layout as hifloat4.tiny_wan builds it, on the meta device (nothing
-    allocated). This is what makes the key set exact: no stray tensor rides along."""
-    from .tiny_wan import TinyWan, WanConfig  # lazy: only loaders need it
-
-    if variant.layers > MAX_BLOCKS:
-        raise HiF4CheckpointError(f"{variant.layers} blocks, more than {MAX_BLOCKS}")
-    img = shapes.get("img_emb.proj.0.weight")
-    try:
-        cfg = WanConfig(in_dim=variant.in_dim, out_dim=variant.out_dim, dim=variant.dim, ffn_dim=variant.ffn_dim,
-                        num_layers=variant.layers, num_heads=1, text_dim=variant.text_dim,
-                        freq_dim=shapes["time_embedding.0.weight"][1],
-                        patch_size=tuple(shapes["patch_embedding.weight"][2:]),
-                        img_dim=None if img is None or len(img) != 1 else img[0])
-        with torch.device("meta"):
-            model = TinyWan(cfg)
-    except (ValueError, KeyError, IndexError, RuntimeError) as e:
-        raise HiF4CheckpointError(f"not a Wan transformer layout: {e}") from None
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _parse_metadata(header: dict) -> dict:
-    metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
-        raise HiF4CheckpointError(f"not a HiF4 packed checkpoint: metadata key {METADATA_KEY!r} (the format "
-                                  "marker) is missing; export one with 'python -m hifloat4 export' or the "
-                                  "'Save HiF4 Model' node")
-    if set(metadata) != {METADATA_KEY}:
-        raise HiF4CheckpointError(f"unknown safetensors metadata keys: {few(set(metadata) - {METADATA_KEY})}")
-    meta = loads_json(metadata[METADATA_KEY], HiF4CheckpointError, "bad HiF4 metadata JSON")
-    _check_metadata(meta)
-    return meta
-
-
-def read_hif4_header(path: str | os.PathLike) -> dict:
-    """The validated metadata of a packed checkpoint, reading only its header."""
-    header = read_header(path, HiF4CheckpointError)
-    meta = _parse_metadata(header)
-    _check_tensor_header(header, meta)
-    return meta
-
-
-def _marker(path: str | os.PathLike) -> bool:
-    metadata = read_header(path, HiF4CheckpointError).get("__metadata__", {})
-    return FORMAT_NAME in metadata.get(METADATA_KEY, "")
-
-
-def is_hif4_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether the file's safetensors header carries the HiF4 marker (header only; cheap)."""
-    try:
-        return _marker(path)
-    except HiF4CheckpointError:
-        return False
-
-
-_MARKERS: dict[str, tuple[tuple[int, int], bool]] = {}
-
-
-def has_hif4_marker(path: str | os.PathLike) -> bool:
-    """is_hif4_checkpoint for folder listings: cached by (mtime, size), and a file
-    that cannot be read (a FIFO, a broken header) is skipped with one log line per
-    version of the file instead of failing the listing."""
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    key = (st.st_mtime_ns, st.st_size)
-    hit = _MARKERS.get(path)
-    if hit is None or hit[0] != key:
-        try:
-            found = _marker(path)
-        except HiF4CheckpointError as e:
-            log.warning("hifloat4: skipping %s in the model list: %s", path, e)
-            found = False
-        hit = _MARKERS[path] = (key, found)
-    return hit[1]
-
-
-def hif4_checkpoint_names(named_paths: Iterable[tuple[str, str | None]]) -> list[str]:
-    """The names (of (name, full path) pairs, e.g. a ComfyUI folder listing) whose
-    files are packed HiF4 checkpoints; bad files are skipped (has_hif4_marker)."""
-    return [name for name, path in named_paths
-            if path and name.lower().endswith(SUFFIX) and has_hif4_marker(path)]
-
-
-def load_hif4_checkpoint(path: str | os.PathLike) -> HiF4Checkpoint:
-    """Read and fully validate a packed checkpoint (safetensors only, never pickle);
-    every problem raises HiF4CheckpointError naming it."""
-    path = os.fspath(path)
-    header = read_header(path, HiF4CheckpointError)
-    meta = _parse_metadata(header)
-    entries = _check_tensor_header(header, meta)
-    try:
-        with safe_open(path, framework="pt") as f:
-            if set(f.keys()) != set(entries):
-                raise HiF4CheckpointError("the safetensors library reads another key set than the header")
-            tensors = {k: f.get_tensor(k) for k in entries}
-    except HiF4CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 (safetensors raises its own types for malformed files)
-        raise HiF4CheckpointError(f"not a readable safetensors file: {e}") from None
-    for k, (dt, shape) in entries.items():
-        if tensors[k].dtype != ST_DTYPES[dt] or tuple(tensors[k].shape) != shape:
-            raise HiF4CheckpointError(f"tensor {k!r} does not read back as {dt} {list(shape)}")
-    layers = {}
-    for n in hwan.classify_layer_names(meta["layers"])[0]:  # policy order (the JSON keys are sorted)
-        info = meta["layers"][n]
-        data, mask = tensors.pop(n + PACKED_SUFFIX), tensors.pop(n + MASK_SUFFIX)
-        if not (torch.isfinite(mask).all() and (mask > 0).all()):
-            raise HiF4CheckpointError(f"tensor {n + MASK_SUFFIX!r} has non-finite or non-positive values")
-        if (data[..., 32] == 255).any():
-            raise HiF4CheckpointError(f"tensor {n + PACKED_SUFFIX!r} holds the E6M2 NaN scale (byte 255)")
-        rot = info["rotation"]
-        layers[n] = PackedLayer(PackedHiF4(data, tuple(info["shape"]), 1, torch.float32), mask,
-                                hrotation.from_meta(rot))
-    return HiF4Checkpoint(path=path, meta=meta, layers=layers, tensors=tensors)
-
-
-def install_checkpoint_(model: nn.Module, ckpt: HiF4Checkpoint) -> nn.Module:
-    """Load a packed checkpoint into a Wan nn.Module of the same shapes (e.g.
-    hifloat4.tiny_wan.TinyWan, possibly built on the meta device), in place: main
-    layers become PackedHiF4Linear, every other tensor is copied in (cast to the
-    parameter's dtype; meta parameters take the file's tensor as it is). The key
-    sets must match exactly; nothing is changed otherwise."""
-    modules = dict(model.named_modules())
-    prefix = hwan.find_prefix(n for n, m in modules.items() if isinstance(m, nn.Linear))
-    problems = []
-    for n, layer in ckpt.layers.items():
-        m = modules.get(prefix + n)
-        if not isinstance(m, nn.Linear) or (m.out_features, m.in_features) != layer.shape:
-            problems.append(n)
-    if problems:
-        raise HiF4CheckpointError(f"the model has no Linear of the packed shape for {few(problems)}")
-    own = {k[len(prefix):]: v for k, v in model.state_dict(keep_vars=True).items() if k.startswith(prefix)}
-    packed_keys = {n + ".weight" for n in ckpt.layers}
-    expected = set(own) - packed_keys
-    if expected != set(ckpt.tensors):
-        raise HiF4CheckpointError(f"key mismatch: missing {few(expected - set(ckpt.tensors)) or 'none'}; "
-                                  f"unexpected {few(set(ckpt.tensors) - expected) or 'none'}")
-    for n, layer in ckpt.layers.items():
-        m = modules[prefix + n]
-        bias = ckpt.tensors.get(n + ".bias")
-        if (bias is None) != (m.bias is None):
-            raise HiF4CheckpointError(f"{n}: bias present in one of model and checkpoint only")
-    with torch.no_grad():
-        for k, t in ckpt.tensors.items():
-            if k.rpartition(".")[0] in ckpt.layers:
-                continue  # a packed layer's bias goes into its PackedHiF4Linear
-            param = own[k]
-            if tuple(param.shape) != tuple(t.shape):
-                raise HiF4CheckpointError(f"{k}: model shape {tuple(param.shape)}, checkpoint {tuple(t.shape)}")
-            if param.is_meta:
-                parent, _, attr = (prefix + k).rpartition(".")
-                owner = model.get_submodule(parent) if parent else model
-                new = t  # a meta model has no dtype of its own yet: the file's (load_state_dict(assign=True))
-                if isinstance(param, nn.Parameter):
-                    new = nn.Parameter(new, requires_grad=param.requires_grad)
-                setattr(owner, attr, new)
-            else:
-                param.copy_(t)
-    for n, layer in ckpt.layers.items():
-        m = modules[prefix + n]
-        bias = ckpt.tensors.get(n + ".bias")
-        if bias is not None and not m.bias.is_meta:
-            bias = bias.to(m.bias.dtype)
-        parent, _, child = (prefix + n).rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                PackedHiF4Linear(layer.packed, layer.mask, bias, layer.rotation))
-    return model
 
 
 # --------------------------------------------------------------------------- CLI
@@ -717,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m hifloat4 export",
         description="Write one Wan2.2 expert as a packed HiF4 checkpoint (4.5-bit main weights, masks embedded) "
-                    "for the 'Load HiF4 Diffusion Model' node or hifloat4.export.install_checkpoint_.")
+                    "for the 'Load HiF4 Diffusion Model' node or hifloat4.checkpoint.install_checkpoint_.")
     p.add_argument("--model", required=True, help="the expert's .safetensors (bf16/fp16/fp32 or fp8 scaled)")
     p.add_argument("--state", required=True, help="a PTQ state .safetensors calibrated on this model")
     p.add_argument("--expert", default="auto",

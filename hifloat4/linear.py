@@ -1,11 +1,13 @@
 """The W4A4 linear layer: y = Q(x*m [R]) @ Q(W/m [R])^T + b, Q = HiF4 along in-features.
 
-The two `prepare_*` functions are the whole numerical contract; the ComfyUI
-nodes call them too, so plain PyTorch and ComfyUI compute the same bits.
-Smoothing and rotation are computed in float32 and the HiF4 values handed back
-in the caller's dtype; the matmul runs in the activation's dtype (HiF4 values
-are exact in bf16, and fp16 saturates at 65504). On CUDA, without a rotation,
-each `prepare_*` is one fused Triton pass (backend.py), with the same bits.
+`prepare_weight` and `prepare_activation` are the whole numerical contract, and
+`w4a4_linear` is the one quantized forward: HiF4Linear, packed_linear's
+PackedHiF4Linear and the ComfyUI paths (nodes.comfy_adapter) all call it, each only
+deciding where its HiF4-valued weight comes from, so plain PyTorch and ComfyUI compute
+the same bits. Smoothing and rotation are computed in float32 and the HiF4 values
+handed back in the compute dtype; the matmul runs in it (HiF4 values are exact in
+bf16, and fp16 saturates at 65504). On CUDA, without a rotation, each `prepare_*` is
+one fused Triton pass (backend.py), with the same bits.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .format import quantize_dequantize, saturate_, unit_stride_rows
 from .rotation import Rotation, rotate
 
 CHUNK_ELEMENTS = 1 << 22  # activation values upcast to float32 at a time (16 MiB)
+MASK_NAME = "hif4_mask"  # the mask's name in every quantized layer and in packed files
 
 
 @dataclass(frozen=True)
@@ -66,27 +69,31 @@ def prepare_weight(weight: Tensor, mask: Tensor, rotation: Rotation | None = Non
     return out
 
 
-def prepare_activation(x: Tensor, mask: Tensor, rotation: Rotation | None = None) -> Tensor:
-    """Q(rot(x * m)) in x.dtype (fp16 saturating)."""
+def prepare_activation(x: Tensor, mask: Tensor, rotation: Rotation | None = None,
+                       dtype: torch.dtype | None = None) -> Tensor:
+    """Q(rot(x * m)) in `dtype` (default x.dtype; fp16 saturating)."""
     mask = mask.to(x.device, torch.float32)
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(flat.shape, dtype=x.dtype if dtype is None else dtype, device=x.device)
     _smooth_quantize_rows(flat, mask, rotation, False, None, out)
     return out.view(x.shape)
 
 
-def w4a4_linear(x: Tensor, weight_q: Tensor, bias: Tensor | None, quant: LayerQuant) -> Tensor:
-    """The quantized forward given an already prepared weight, computed in x.dtype.
+def w4a4_linear(x: Tensor, weight_q: Tensor, bias: Tensor | None, quant: LayerQuant,
+                compute_dtype: torch.dtype | None = None) -> Tensor:
+    """The quantized forward given the HiF4-valued weight Q(rot(W / m)) (any float dtype),
+    computed in `compute_dtype` (default x.dtype), which is also the output's dtype.
 
     HiF4 values are exact in bf16 and fp32, so only the matmul's own accumulation
     differs from float32 math; a float32 matmul would cost ~15x on a GPU's tensor cores.
     """
-    xq = prepare_activation(x, quant.mask, quant.rotation)
-    b = None if bias is None else bias.to(x.dtype)
-    return F.linear(xq, weight_in(weight_q, x.dtype), b)
+    dtype = x.dtype if compute_dtype is None else compute_dtype
+    xq = prepare_activation(x, quant.mask, quant.rotation, dtype)
+    b = None if bias is None else bias.to(dtype)
+    return F.linear(xq, _weight_in(weight_q, dtype), b)
 
 
-def weight_in(weight_q: Tensor, dtype: torch.dtype) -> Tensor:
+def _weight_in(weight_q: Tensor, dtype: torch.dtype) -> Tensor:
     """A prepared (HiF4-valued) weight in the compute dtype: exact in bf16/fp32, fp16
     saturating. A copy when the dtype changes: the caller's weight is never clamped."""
     if weight_q.dtype == dtype:
@@ -97,8 +104,9 @@ def weight_in(weight_q: Tensor, dtype: torch.dtype) -> Tensor:
 class HiF4Linear(nn.Module):
     """Drop-in replacement for an nn.Linear running W4A4 HiF4.
 
-    The quantized weight is computed once and cached in bf16, which holds every
-    HiF4 value exactly (at most 3 significant bits, within bf16's range).
+    The quantized weight is computed once and cached in bf16 (`weight_q`), which holds
+    every HiF4 value exactly (at most 3 significant bits, within bf16's range); the
+    mask is `hif4_mask`, as in packed layers.
     """
 
     def __init__(self, linear: nn.Linear, quant: LayerQuant) -> None:
@@ -109,12 +117,12 @@ class HiF4Linear(nn.Module):
         self.rotation = quant.rotation
         self.register_buffer("weight_q", prepare_weight(linear.weight.detach(), quant.mask, quant.rotation,
                                                         dtype=torch.bfloat16))
-        self.register_buffer("mask", quant.mask.detach().to(torch.float32))  # moves with the model
+        self.register_buffer(MASK_NAME, quant.mask.detach().to(torch.float32))  # moves with the model
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     @property
     def quant(self) -> LayerQuant:
-        return LayerQuant(self.mask, self.rotation)
+        return LayerQuant(self.hif4_mask, self.rotation)
 
     def forward(self, x: Tensor) -> Tensor:
         return w4a4_linear(x, self.weight_q, self.bias, self.quant)

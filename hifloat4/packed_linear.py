@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .format import GROUP_SIZE
-from .linear import LayerQuant, w4a4_linear
+from .linear import MASK_NAME, LayerQuant, w4a4_linear
 from .packing import BYTES_PER_GROUP, PackedHiF4, pack, unpack_groups_into, unpack_rows
 from .rotation import Rotation, rotate
 
@@ -94,9 +94,10 @@ def expand_weight(packed: PackedHiF4, dtype: torch.dtype | None = None,
 class PackedHiF4Linear(nn.Module):
     """A W4A4 HiF4 Linear whose weight is stored packed (4.5 bits per value).
 
-    Buffers: `weight_hif4` uint8 (out, ceil(in/64), 36) = pack(rot(W / m)),
-    `mask` fp32 (in,), `bias` (out,) or None. The forward expands the weight in the
-    activation's dtype and runs `linear.w4a4_linear`, exactly like `linear.HiF4Linear`.
+    Buffers, named as in a packed checkpoint (hifloat4.checkpoint): `weight` uint8
+    (out, ceil(in/64), 36) = pack(rot(W / m)), `hif4_mask` fp32 (in,), `bias` (out,)
+    or None; the logical shape is (out_features, in_features). The forward expands the
+    weight in the activation's dtype and runs `linear.w4a4_linear`, like `linear.HiF4Linear`.
     """
 
     def __init__(self, packed: PackedHiF4, mask: Tensor, bias: Tensor | None = None,
@@ -112,8 +113,8 @@ class PackedHiF4Linear(nn.Module):
         if rotation is not None:
             rotation.check(self.in_features)
         self.rotation = rotation
-        self.register_buffer("weight_hif4", packed.data)
-        self.register_buffer("mask", mask.detach().to(torch.float32))
+        self.register_buffer("weight", packed.data)
+        self.register_buffer(MASK_NAME, mask.detach().to(torch.float32))
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     @classmethod
@@ -124,11 +125,11 @@ class PackedHiF4Linear(nn.Module):
 
     @property
     def packed(self) -> PackedHiF4:
-        return PackedHiF4(self.weight_hif4, (self.out_features, self.in_features), 1, torch.float32)
+        return PackedHiF4(self.weight, (self.out_features, self.in_features), 1, torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = expand_weight(self.packed, x.dtype, x.device)  # decoded straight into the matmul dtype
-        return w4a4_linear(x, weight, self.bias, LayerQuant(self.mask, self.rotation))
+        return w4a4_linear(x, weight, self.bias, LayerQuant(self.hif4_mask, self.rotation))
 
     def extra_repr(self) -> str:
         rot = "none" if self.rotation is None else f"hadamard{self.rotation.block}"

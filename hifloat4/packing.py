@@ -157,7 +157,10 @@ def pack(x: Tensor, dim: int = -1) -> PackedHiF4:
 
 
 def unpack_groups_into(data: Tensor, out: Tensor) -> None:
-    """(n, 36) packed groups -> out (n, 64), by `backend.for_device`'s implementation."""
+    """(n, 36) packed groups -> out (n, 64) in out.dtype: the one decode dispatch, to
+    `backend.for_device`'s decoder (C++ on CPU, Triton on CUDA, the torch tables
+    otherwise), all bit-identical. `unpack`, `unpack_rows` and
+    `packed_linear.expand_weight` decode through here."""
     impl = backend.for_device(data.device)
     if impl == "cpp":
         cpu_kernels.load().unpack_groups(data.contiguous(), out)
@@ -168,7 +171,7 @@ def unpack_groups_into(data: Tensor, out: Tensor) -> None:
         unpack_groups_torch(data, out)
 
 
-def unpack_groups(data: Tensor, dtype: torch.dtype) -> Tensor:
+def _unpack_groups(data: Tensor, dtype: torch.dtype) -> Tensor:
     """(n, 36) packed groups -> (n, 64) dequantized values in `dtype`."""
     out = torch.empty(data.shape[0], GROUP_SIZE, dtype=dtype, device=data.device)
     unpack_groups_into(data, out)
@@ -180,7 +183,7 @@ def unpack(packed: PackedHiF4) -> Tensor:
     """Dequantize a `PackedHiF4`: bit-identical to `quantize_dequantize` of the source."""
     moved = list(packed.shape)
     moved.append(moved.pop(packed.dim))
-    groups = unpack_groups(packed.data.reshape(-1, BYTES_PER_GROUP), packed.dtype)
+    groups = _unpack_groups(packed.data.reshape(-1, BYTES_PER_GROUP), packed.dtype)
     return from_groups(groups, tuple(moved), packed.dim)
 
 
@@ -189,5 +192,5 @@ def unpack_rows(packed: PackedHiF4, start: int, stop: int) -> Tensor:
     if len(packed.shape) != 2 or packed.dim != 1:
         raise ValueError("unpack_rows needs a 2-D tensor packed along dim=-1")
     rows = packed.data[start:stop]
-    groups = unpack_groups(rows.reshape(-1, BYTES_PER_GROUP), packed.dtype)
+    groups = _unpack_groups(rows.reshape(-1, BYTES_PER_GROUP), packed.dtype)
     return groups.view(rows.shape[0], -1)[:, : packed.shape[1]]

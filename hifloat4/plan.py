@@ -27,6 +27,11 @@ ROTATIONS = ("off", "hadamard")  # besides None: as calibrated
 MAX_ROTATION_BLOCK = hstate.MAX_ROTATION_BLOCK
 
 
+def packed_nbytes(out_features: int, in_features: int) -> int:
+    """Bytes of one packed layer in a checkpoint: HiF4 codes (36 bytes per 64 values) and its float32 mask."""
+    return out_features * math.ceil(in_features / GROUP_SIZE) * BYTES_PER_GROUP + 4 * in_features
+
+
 @dataclass(frozen=True)
 class W4A4Config:
     """What to quantize and how, on top of a PTQ state (torchao-style typed config).
@@ -83,8 +88,8 @@ class Plan:
 
     def kept_packed_extra_bytes(self, dtype_bytes: int = 2) -> int:
         """What keeping costs in a packed file: each kept weight stays in `dtype_bytes`
-        per value instead of HiF4's 36 bytes per 64 values."""
-        return sum(out_f * (in_f * dtype_bytes - math.ceil(in_f / GROUP_SIZE) * BYTES_PER_GROUP)
+        per value instead of HiF4 codes and a mask."""
+        return sum(out_f * in_f * dtype_bytes - packed_nbytes(out_f, in_f)
                    for out_f, in_f in (self.shapes[n] for n in self.kept))
 
     def describe(self, dtype_bytes: int = 2) -> str:

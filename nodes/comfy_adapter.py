@@ -46,6 +46,7 @@ import comfy.utils
 import folder_paths
 from comfy.weight_adapter import WeightAdapterBase
 
+from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexport
 from hifloat4 import linear as hlinear
 from hifloat4 import packed_linear as hpacked
@@ -363,28 +364,30 @@ class QuantizedForward(_LayerCall):
         return (len(m.weight_function) == 0 and getattr(m, "weight_lowvram_function", None) is None
                 and m.weight.device == device and not hasattr(m, "_v"))
 
-    def _weight(self, m: nn.Module, xq: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        cacheable = self._cacheable(m, xq.device)
+    def _weight(self, m: nn.Module, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(Q(W / m) in bf16, bias in x.dtype) on x's device, through core's cast."""
+        cacheable = self._cacheable(m, x.device)
         hit = self._cache
-        if cacheable and hit is not None and hit[0]() is m.weight and hit[1] == xq.device:
-            bias = None if m.bias is None else m.bias.detach().to(xq.device, xq.dtype)
+        if cacheable and hit is not None and hit[0]() is m.weight and hit[1] == x.device:
+            bias = None if m.bias is None else m.bias.detach().to(x.device, x.dtype)
             for fn in m.bias_function if bias is not None else ():
                 bias = fn(bias)
             return hit[2], bias
-        with cast_weight_bias(m, xq.device, torch.float32, xq.dtype) as (weight, bias), torch.no_grad():
+        with cast_weight_bias(m, x.device, torch.float32, x.dtype) as (weight, bias), torch.no_grad():
             wq = hlinear.prepare_weight(dequantize(m, weight), mask, self.rotation, dtype=torch.bfloat16)  # exact
         if cacheable:
-            self._cache = (weakref.ref(m.weight), xq.device, wq)
+            self._cache = (weakref.ref(m.weight), x.device, wq)
         return wq, bias
 
     def __call__(self, x, *args, **kwargs):
         mask = self.mask_on(x.device)
         with torch.no_grad():  # inference only: HiF4 rounding has no gradient
-            xq = hlinear.prepare_activation(x.detach(), mask, self.rotation)
-        if self.mode == "patch":  # weight already Q(W / m) through the weight patch
-            return self.run_original(xq, *args, **kwargs)
-        wq, bias = self._weight(self.module(), xq, mask)
-        return torch.nn.functional.linear(xq, hlinear.weight_in(wq, xq.dtype), bias)
+            if self.mode == "patch":  # weight already Q(W / m) through the weight patch
+                xq = hlinear.prepare_activation(x.detach(), mask, self.rotation)
+            else:
+                wq, bias = self._weight(self.module(), x, mask)
+                return hlinear.w4a4_linear(x.detach(), wq, bias, hlinear.LayerQuant(mask, self.rotation))
+        return self.run_original(xq, *args, **kwargs)
 
 
 def _quantized_forwards(model) -> list[QuantizedForward]:
@@ -490,14 +493,15 @@ class PackedWeight:
         self.storage = storage  # the dtype the fake-quant path would store Q(W/m) in
 
 
-def make_packed_operations(layers: dict[str, hexport.PackedLayer]):
+def make_packed_operations(layers: dict[str, hckpt.PackedLayer]):
     """An ops class (comfy.ops.manual_cast with our Linear) whose Linear layers named in
     `layers` (by their state-dict prefix) load packed; returns (ops, installed names).
 
-    A packed layer keeps the uint8 codes as its `weight` parameter, so ComfyUI moves,
-    offloads, streams (Dynamic VRAM) and sizes them like any weight; the forward gets
-    them through core's cast, computes Q(x m) like the Apply node and expands the
-    weight on the input's device, in row chunks, for that one matmul."""
+    A packed layer keeps the uint8 codes as its `weight` parameter and the mask as its
+    `hif4_mask` buffer (the checkpoint's names), so ComfyUI moves, offloads, streams
+    (Dynamic VRAM) and sizes them like any weight; the forward gets them through core's
+    cast, expands the weight on the input's device, in row chunks, and runs
+    hifloat4.linear.w4a4_linear with it, as the Apply node does."""
     installed: set[str] = set()
 
     class HiF4PackedOps(comfy.ops.manual_cast):
@@ -530,8 +534,8 @@ def make_packed_operations(layers: dict[str, hexport.PackedLayer]):
                                       f"a Linear {shape}")
                     return
                 storage = f["dtype"] if f["dtype"] in EXACT_STORAGE else torch.float32 if f["dtype"] is None else None
-                self.weight = nn.Parameter(layer.packed.data, requires_grad=False)
-                self.register_buffer(hexport.MASK_SUFFIX[1:], layer.mask.to(torch.float32))
+                self.weight = nn.Parameter(layer.weight.data, requires_grad=False)
+                self.register_buffer(hlinear.MASK_NAME, layer.hif4_mask.to(torch.float32))
                 self.hif4 = PackedWeight(shape, layer.rotation, storage)
                 if self._hif4_has_bias:
                     bias = state_dict.get(prefix + "bias")
@@ -549,12 +553,13 @@ def make_packed_operations(layers: dict[str, hexport.PackedLayer]):
                 if len(self.weight_function) > 0 or getattr(self, "weight_lowvram_function", None) is not None:
                     raise RuntimeError(LORA_REFUSED)
                 p = self.hif4
+                quant = hlinear.LayerQuant(self.hif4_mask, p.rotation)
                 with torch.no_grad():  # inference only: HiF4 rounding has no gradient
-                    xq = hlinear.prepare_activation(x.detach(), self.hif4_mask.to(x.device), p.rotation)
-                    with cast_weight_bias(self, xq.device, self.weight.dtype, xq.dtype) as (codes, bias):
+                    with cast_weight_bias(self, x.device, self.weight.dtype, x.dtype) as (codes, bias):
                         packed = PackedHiF4(codes.detach(), p.shape, 1, torch.float32)
-                        weight = hpacked.expand_weight(packed, p.storage or xq.dtype, xq.device).to(xq.dtype)
-                        return torch.nn.functional.linear(xq, weight, bias)
+                        # stored as the Apply node would store Q(W/m), then cast as ComfyUI casts weights
+                        weight = hpacked.expand_weight(packed, p.storage or x.dtype, x.device).to(x.dtype)
+                        return hlinear.w4a4_linear(x.detach(), weight, bias, quant)
 
     return HiF4PackedOps, installed
 
@@ -594,10 +599,10 @@ def guard_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
 
 def load_packed_model(path: str):
     """A ComfyUI MODEL from a packed HiF4 checkpoint (validated; bf16 main weights never built)."""
-    ckpt = hexport.load_hif4_checkpoint(path)
+    ckpt = hckpt.load_hif4_checkpoint(path)
     sd = dict(ckpt.tensors)
     for name, layer in ckpt.layers.items():
-        sd[name + ".weight"] = torch.empty(layer.shape, dtype=ckpt.weight_dtype, device="meta")
+        sd[hckpt.codes_key(name)] = torch.empty(layer.shape, dtype=ckpt.weight_dtype, device="meta")
     ops, installed = make_packed_operations(ckpt.layers)
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops})
     if model is None:
@@ -606,14 +611,14 @@ def load_packed_model(path: str):
     if missing:
         raise RuntimeError(f"{len(missing)} packed layers were not loaded (e.g. {missing[0]}): this ComfyUI built "
                            "the Wan model with other layer names")
-    provided = set(ckpt.tensors) | {n + s for n in ckpt.layers for s in (".weight", hexport.MASK_SUFFIX)}
+    provided = set(ckpt.tensors) | {k for n in ckpt.layers for k in (hckpt.codes_key(n), hckpt.mask_key(n))}
     absent = sorted(set(wan_root(model).state_dict()) - provided)
     if absent:  # ComfyUI only logs missing keys; those tensors would hold uninitialized memory
         raise RuntimeError(f"{os.path.basename(path)} lacks {len(absent)} tensors of this Wan model, e.g. {absent[0]}")
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, PACKED_KEY, guard_wrapper)
     log.info("HiF4: loaded %s, expert %s: %d packed layers (%.1f MB codes + masks)", os.path.basename(path),
              ckpt.expert, len(ckpt.layers),
-             sum(p.packed.nbytes + 4 * p.mask.numel() for p in ckpt.layers.values()) / 2**20)
+             sum(p.weight.nbytes + 4 * p.hif4_mask.numel() for p in ckpt.layers.values()) / 2**20)
     return model
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 
-from hifloat4 import export as hexport
+from hifloat4 import checkpoint as hckpt
 from hifloat4 import safefile
 
 from . import comfy_adapter as adapter
@@ -35,7 +35,7 @@ FOLDER = adapter.MODELS
 
 def packed_model_names() -> list[str]:
     """diffusion_models files carrying the HiF4 marker (headers only, cached; bad files skipped and logged once)."""
-    return hexport.hif4_checkpoint_names((n, adapter.file_path(FOLDER, n)) for n in adapter.file_names(FOLDER))
+    return hckpt.hif4_checkpoint_names((n, adapter.file_path(FOLDER, n)) for n in adapter.file_names(FOLDER))
 
 
 def _unpicked(unet_name) -> str | None:
@@ -86,14 +86,14 @@ class HiF4LoadDiffusionModel:
         problem = _unpicked(unet_name)
         if problem:
             return problem
-        if not unet_name.lower().endswith(hexport.SUFFIX):
+        if not unet_name.lower().endswith(hckpt.SUFFIX):
             return f"packed HiF4 checkpoints are .safetensors files, got {unet_name!r}"
         try:
             path = cls._path(unet_name)
         except FileNotFoundError as e:
             return str(e)
-        if not hexport.has_hif4_marker(path):
-            return (f"{unet_name} is not a packed HiF4 checkpoint (no {hexport.METADATA_KEY!r} marker); load it with "
+        if not hckpt.has_hif4_marker(path):
+            return (f"{unet_name} is not a packed HiF4 checkpoint (no {hckpt.METADATA_KEY!r} marker); load it with "
                     "'Load Diffusion Model', or export it with 'Save HiF4 Model'")
         return True
 
@@ -136,10 +136,10 @@ class HiF4SaveModel:
         name = adapter.plan_for(model, config).expert  # refuse a wrong model before creating any folder
         subfolder, base = policy.split_prefix(filename_prefix, FOLDER)
         folder = safefile.output_folder(adapter.save_dir(FOLDER), subfolder, what=FOLDER,
-                                        error=hexport.HiF4CheckpointError)
+                                        error=hckpt.HiF4CheckpointError)
         filename = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
-        path = safefile.safe_output_path(folder, filename, what="model file", suffix=hexport.SUFFIX,
-                                         error=hexport.HiF4CheckpointError)
+        path = safefile.safe_output_path(folder, filename, what="model file", suffix=hckpt.SUFFIX,
+                                         error=hckpt.HiF4CheckpointError)
         report = adapter.export_packed(model, config, path)
         texts = [adapter.tell(w, logging.WARNING)["text"][0] for w in report.warnings]
         texts += adapter.tell(f"saved packed HiF4 model {os.path.join(FOLDER, subfolder, filename)} ({name} expert); "

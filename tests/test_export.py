@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexp
 from hifloat4 import quantize_
 from hifloat4 import state as hstate
@@ -63,29 +64,29 @@ def files(tmp_path_factory, models, ptq_state):
 def _install(path):
     """Into a float32 model (tensors cast from the file's bf16, as the fake-quant models)."""
     model = TinyWan(make_tiny_wan("t2v", **SIZE).config)
-    return hexp.install_checkpoint_(model, hexp.load_hif4_checkpoint(path)).eval()
+    return hckpt.install_checkpoint_(model, hckpt.load_hif4_checkpoint(path)).eval()
 
 
 def test_install_into_a_meta_model_keeps_the_files_dtypes_and_allocates_no_main_weights(files):
     with torch.device("meta"):
         model = TinyWan(make_tiny_wan("t2v", **SIZE).config)
-    hexp.install_checkpoint_(model, hexp.load_hif4_checkpoint(files["packed"]))
+    hckpt.install_checkpoint_(model, hckpt.load_hif4_checkpoint(files["packed"]))
     tensors = list(model.parameters()) + list(model.buffers())
     assert not any(t.is_meta for t in tensors)
     assert model.head.head.weight.dtype == torch.bfloat16 and model.blocks[0].ffn[0].bias.dtype == torch.bfloat16
-    assert model.blocks[0].ffn[0].weight_hif4.dtype == torch.uint8
+    assert model.blocks[0].ffn[0].weight.dtype == torch.uint8
 
 
 def _rewrite(src, dst, tensors=None, meta=None):
     """A copy of a packed checkpoint with tensors / metadata edited (tampering)."""
     with safe_open(str(src), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        m = json.loads(f.metadata()[hexp.METADATA_KEY])
+        m = json.loads(f.metadata()[hckpt.METADATA_KEY])
     if tensors:
         tensors(t)
     if meta:
         meta(m)
-    save_file(t, str(dst), metadata={hexp.METADATA_KEY: json.dumps(m)})
+    save_file(t, str(dst), metadata={hckpt.METADATA_KEY: json.dumps(m)})
     return dst
 
 
@@ -103,34 +104,75 @@ def test_exported_model_runs_bit_identical_to_fake_quant(files, models, ptq_stat
 
 def test_file_layout_packed_main_weights_masks_and_unchanged_other_tensors(files, ptq_state):
     source = load_file(str(files[HIGH]))
+    main = [f"blocks.{b}.{s}" for b in range(2) for s in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                                           "cross_attn.q", "cross_attn.k", "cross_attn.v",
+                                                           "cross_attn.o", "ffn.0", "ffn.2")]
     with safe_open(str(files["packed"]), "pt") as f:
         keys = set(f.keys())
-        meta = json.loads(f.metadata()[hexp.METADATA_KEY])
-        for k in keys - {k for k in keys if k.endswith((hexp.PACKED_SUFFIX, hexp.MASK_SUFFIX))}:
+        meta = json.loads(f.metadata()[hckpt.METADATA_KEY])
+        for k in keys - {n + ".weight" for n in main} - {n + ".hif4_mask" for n in main}:
             t = f.get_tensor(k)
             assert t.dtype == source[k].dtype and torch.equal(t, source[k]), k  # carried over unchanged
         layer = "blocks.1.ffn.2"
         mask = ptq_state.experts[HIGH].layers[layer].mask
-        assert torch.equal(f.get_tensor(layer + hexp.MASK_SUFFIX), mask.float())
-        assert torch.equal(f.get_tensor(layer + hexp.PACKED_SUFFIX),
-                           pack_weight(source[layer + ".weight"], mask).data)
-    main = [f"blocks.{b}.{s}" for b in range(2) for s in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                                                           "cross_attn.q", "cross_attn.k", "cross_attn.v",
-                                                           "cross_attn.o", "ffn.0", "ffn.2")]
-    assert keys == (set(source) - {n + ".weight" for n in main}) | {n + hexp.PACKED_SUFFIX for n in main} | {
-        n + hexp.MASK_SUFFIX for n in main}
-    assert (meta["format"], meta["format_version"], meta["expert"]) == (hexp.FORMAT_NAME, 1, HIGH)
+        assert torch.equal(f.get_tensor(layer + ".hif4_mask"), mask.float())
+        assert torch.equal(f.get_tensor(layer + ".weight"), pack_weight(source[layer + ".weight"], mask).data)
+    assert keys == set(source) | {n + ".hif4_mask" for n in main}  # the codes take the weight's own key
+    assert (meta["format"], meta["format_version"], meta["expert"]) == (hckpt.FORMAT_NAME, 2, HIGH)
     assert sorted(meta["layers"]) == sorted(main) and meta["weight_dtype"] == "bfloat16"
-    assert list(hexp.load_hif4_checkpoint(files["packed"]).layers) == main  # policy order
+    assert list(hckpt.load_hif4_checkpoint(files["packed"]).layers) == main  # policy order
     assert meta["ptq"]["alpha"] == 0.5 and meta["ptq"]["checksum"].startswith("sha256:")
     assert meta["source"]["fingerprint"]["content_hash"] == ptq_state.experts[HIGH].fingerprint["content_hash"]
-    assert hexp.is_hif4_checkpoint(files["packed"]) and not hexp.is_hif4_checkpoint(files[HIGH])
+    assert hckpt.is_hif4_checkpoint(files["packed"]) and not hckpt.is_hif4_checkpoint(files[HIGH])
     assert os.stat(files["packed"]).st_mode & 0o777 == 0o644
 
 
+def test_a_packed_layers_state_dict_is_what_the_file_holds(files):
+    model = _install(files["packed"])
+    with safe_open(str(files["packed"]), "pt") as f:
+        for k, t in model.blocks[1].ffn[2].state_dict().items():
+            assert torch.equal(t, f.get_tensor("blocks.1.ffn.2." + k).to(t.dtype)), k
+
+
+def _as_version_1(src, dst):
+    """The file as version 1 wrote it: codes under "<layer>.weight.hif4"."""
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()[hckpt.METADATA_KEY])
+        t = {(k + ".hif4" if k[: -len(".weight")] in meta["layers"] and k.endswith(".weight") else k): f.get_tensor(k)
+             for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    meta["format_version"] = 1
+    del meta["kept"]  # version 2's list of main layers kept unquantized
+    save_file(t, str(dst), metadata={hckpt.METADATA_KEY: json.dumps(meta)})
+    return dst
+
+
+def test_version_1_files_load_as_the_same_checkpoint(files, tmp_path):
+    v1 = _as_version_1(files["packed"], tmp_path / "v1.safetensors")
+    old, new = hckpt.load_hif4_checkpoint(v1), hckpt.load_hif4_checkpoint(files["packed"])
+    assert old.meta["format_version"] == 1 and list(old.layers) == list(new.layers)
+    assert all(torch.equal(old.layers[n].weight.data, new.layers[n].weight.data)
+               and torch.equal(old.layers[n].hif4_mask, new.layers[n].hif4_mask) for n in new.layers)
+    assert old.tensors.keys() == new.tensors.keys()
+    assert hckpt.read_hif4_header(v1)["format_version"] == 1
+
+
+def test_a_version_1_file_with_both_codes_and_an_unpacked_weight_is_refused(files, tmp_path):
+    v1 = _as_version_1(files["packed"], tmp_path / "v1.safetensors")
+    bad = _rewrite(v1, tmp_path / "bad.safetensors", _set("blocks.0.ffn.0.weight", torch.zeros(256, 128)))
+    with pytest.raises(hckpt.HiF4CheckpointError, match="also carry an unpacked weight"):
+        hckpt.load_hif4_checkpoint(bad)
+
+
+def test_a_version_2_file_with_version_1_code_names_is_refused(files, tmp_path):
+    bad = _rewrite(_as_version_1(files["packed"], tmp_path / "v1.safetensors"), tmp_path / "bad.safetensors",
+                   meta=lambda m: m.update(format_version=2, kept=[]))
+    with pytest.raises(hckpt.HiF4CheckpointError, match="missing tensors"):
+        hckpt.load_hif4_checkpoint(bad)
+
+
 def test_main_layers_shrink_to_28_percent_of_bf16(files):
-    ck = hexp.load_hif4_checkpoint(files["packed"])
-    packed = sum(layer.packed.nbytes for layer in ck.layers.values())
+    ck = hckpt.load_hif4_checkpoint(files["packed"])
+    packed = sum(layer.weight.nbytes for layer in ck.layers.values())
     bf16 = sum(2 * layer.shape[0] * layer.shape[1] for layer in ck.layers.values())
     assert packed / bf16 == pytest.approx(0.28125)
     assert os.path.getsize(files["packed"]) < os.path.getsize(files[HIGH])
@@ -143,7 +185,7 @@ def test_auto_expert_picks_the_matching_one_and_prefixed_sources_work(files, tmp
     save_file(sd, str(prefixed))
     out = tmp_path / "low.safetensors"
     assert hexp.main(["--model", str(prefixed), "--state", str(files["state"]), "--out", str(out)]) == 0
-    ck = hexp.load_hif4_checkpoint(out)
+    ck = hckpt.load_hif4_checkpoint(out)
     assert ck.expert == LOW and "first_stage_model.decoder.weight" not in ck.tensors
     fake = quantize_(copy.deepcopy(models[LOW]), W4A4Config(ptq_state, expert=LOW))
     x, t, ctx = example_inputs(models[LOW], text_len=8)
@@ -157,7 +199,7 @@ def test_rotation_of_the_state_is_packed_and_recorded(files, tmp_path, models, p
     state_path = hstate.save_state(tmp_path / "rot.safetensors", rotated)
     out = tmp_path / "rot_hif4.safetensors"
     assert hexp.main(["--model", str(files[HIGH]), "--state", state_path, "--out", str(out)]) == 0
-    ck = hexp.load_hif4_checkpoint(out)
+    ck = hckpt.load_hif4_checkpoint(out)
     assert ck.layers["blocks.0.ffn.2"].rotation == Rotation(block=256, seed=7)  # largest power of 2 dividing 256
     assert ck.layers["blocks.0.ffn.0"].rotation == Rotation(block=128, seed=7)
     fake = quantize_(copy.deepcopy(models[HIGH]), W4A4Config(rotated, expert=HIGH))
@@ -180,12 +222,12 @@ def test_fp8_scaled_sources_are_dequantized_before_packing(files, tmp_path, ptq_
     path, out = tmp_path / "fp8.safetensors", tmp_path / "fp8_hif4.safetensors"
     save_file(fp8, str(path))
     assert hexp.main(["--model", str(path), "--state", str(files["state"]), "--expert", HIGH, "--out", str(out)]) == 0
-    ck = hexp.load_hif4_checkpoint(out)
+    ck = hckpt.load_hif4_checkpoint(out)
     assert not any("scale" in k for k in ck.tensors)
     assert ck.tensors["head.head.weight"].dtype == torch.bfloat16  # other fp8 weights: dequantized
     real = fp8["blocks.0.ffn.0.weight"].float() * fp8["blocks.0.ffn.0.scale_weight"]
     mask = ptq_state.experts[HIGH].layers["blocks.0.ffn.0"].mask
-    assert torch.equal(ck.layers["blocks.0.ffn.0"].packed.data, pack_weight(real, mask).data)
+    assert torch.equal(ck.layers["blocks.0.ffn.0"].weight.data, pack_weight(real, mask).data)
 
 
 # --------------------------------------------------------------------------- CLI refusals
@@ -272,7 +314,7 @@ def _set(key, value):
 
 CASES = {
     "wrong marker": (None, _set("format", "some-other-format"), "wrong format marker"),
-    "future version": (None, _set("format_version", 2), "unsupported HiF4 checkpoint version"),
+    "future version": (None, _set("format_version", 3), "unsupported HiF4 checkpoint version"),
     "bool version": (None, _set("format_version", True), "unsupported HiF4 checkpoint version"),
     "unknown field": (None, _set("extra_field", 1), "unknown metadata fields"),
     "missing field": (None, lambda m: m.pop("layers"), "metadata fields missing"),
@@ -285,32 +327,35 @@ CASES = {
     "bad rotation": (None, lambda m: m["layers"]["blocks.0.ffn.0"].update(rotation={"block": 3, "seed": 0}),
                      "power of two"),
     "model dims lie": (None, lambda m: m["model"].update(dim=5120), "metadata says dim"),
-    "missing mask": (_drop("blocks.0.ffn.0" + hexp.MASK_SUFFIX), None, "missing tensors"),
-    "missing packed weight": (_drop("blocks.1.self_attn.q" + hexp.PACKED_SUFFIX), None, "missing tensors"),
+    "missing mask": (_drop("blocks.0.ffn.0.hif4_mask"), None, "missing tensors"),
+    "missing packed weight": (_drop("blocks.1.self_attn.q.weight"), None, "missing tensors"),
     "missing other tensor": (_drop("head.head.weight"), None, "not a complete Wan model"),
     "missing block layer": (_drop("blocks.1.norm3.weight"), None, "missing blocks.1.norm3.weight"),
     "extra tensor": (_set("evil.weight", torch.zeros(1000)), None, "unexpected evil.weight"),
     "extra block tensor": (_set("blocks.0.evil", torch.zeros(3)), None, "unexpected blocks.0.evil"),
     "wrong norm shape": (_set("blocks.0.norm3.weight", torch.zeros(64)), None,
                          r"blocks.0.norm3.weight' has shape \[64\]"),
-    "stray packed tensor": (_set("blocks.9.ffn.0" + hexp.PACKED_SUFFIX, torch.zeros(1, 36, dtype=torch.uint8)),
+    "stray packed tensor": (_set("blocks.9.ffn.0.weight", torch.zeros(1, 1, 36, dtype=torch.uint8)),
                             None, "not in the metadata"),
-    "unpacked twin": (_set("blocks.0.ffn.0.weight", torch.zeros(256, 128)), None, "also carry an unpacked weight"),
-    "tampered packed shape": (lambda t: t.update({"blocks.0.ffn.2" + hexp.PACKED_SUFFIX:
-                                                  t["blocks.0.ffn.2" + hexp.PACKED_SUFFIX][:-1]}), None,
+    "stray mask": (_set("blocks.9.ffn.0.hif4_mask", torch.ones(128)), None, "not in the metadata"),
+    "packed boundary layer": (_set("head.head.weight", torch.zeros(64, 2, 36, dtype=torch.uint8)), None,
+                              "not in the metadata"),
+    "unpacked weight": (_set("blocks.0.ffn.0.weight", torch.zeros(256, 128)), None, r"expected U8 \[256, 2, 36\]"),
+    "version 1 codes name": (_set("blocks.0.ffn.0.weight.hif4", torch.zeros(256, 2, 36, dtype=torch.uint8)), None,
+                             "only floating-point"),
+    "tampered packed shape": (lambda t: t.update({"blocks.0.ffn.2.weight": t["blocks.0.ffn.2.weight"][:-1]}), None,
                               r"expected U8 \[128, 4, 36\]"),
-    "packed dtype": (lambda t: t.update({"blocks.0.ffn.2" + hexp.PACKED_SUFFIX:
-                                         t["blocks.0.ffn.2" + hexp.PACKED_SUFFIX].to(torch.int16)}), None,
-                     "expected U8"),
-    "mask dtype": (lambda t: t.update({"blocks.0.ffn.2" + hexp.MASK_SUFFIX:
-                                       t["blocks.0.ffn.2" + hexp.MASK_SUFFIX].half()}), None, "expected F32"),
+    "packed dtype": (lambda t: t.update({"blocks.0.ffn.2.weight": t["blocks.0.ffn.2.weight"].to(torch.int16)}),
+                     None, "expected U8"),
+    "mask dtype": (lambda t: t.update({"blocks.0.ffn.2.hif4_mask": t["blocks.0.ffn.2.hif4_mask"].half()}), None,
+                   "expected F32"),
     "bias shape": (lambda t: t.update({"blocks.0.ffn.2.bias": torch.zeros(7)}), None, "blocks.0.ffn.2.bias"),
     "integer tensor": (_set("head.modulation", torch.zeros(1, 2, 128, dtype=torch.int32)), None,
                        "only floating-point"),
-    "zero mask": (lambda t: t["blocks.0.ffn.0" + hexp.MASK_SUFFIX].__setitem__(0, 0.0), None, "non-positive"),
-    "nan mask": (lambda t: t["blocks.0.ffn.0" + hexp.MASK_SUFFIX].__setitem__(0, float("nan")), None,
+    "zero mask": (lambda t: t["blocks.0.ffn.0.hif4_mask"].__setitem__(0, 0.0), None, "non-positive"),
+    "nan mask": (lambda t: t["blocks.0.ffn.0.hif4_mask"].__setitem__(0, float("nan")), None,
                  "non-finite"),
-    "nan scale byte": (lambda t: t["blocks.0.ffn.0" + hexp.PACKED_SUFFIX].__setitem__((0, 0, 32), 255), None,
+    "nan scale byte": (lambda t: t["blocks.0.ffn.0.weight"].__setitem__((0, 0, 32), 255), None,
                        "NaN scale"),
 }
 
@@ -319,20 +364,20 @@ CASES = {
 def test_load_rejects_tampered_checkpoints(files, tmp_path, case):
     tensors, meta, message = CASES[case]
     path = _bad(files, tmp_path, tensors, meta)
-    with pytest.raises(hexp.HiF4CheckpointError, match=message):
-        hexp.load_hif4_checkpoint(path)
+    with pytest.raises(hckpt.HiF4CheckpointError, match=message):
+        hckpt.load_hif4_checkpoint(path)
 
 
 def test_load_rejects_files_without_the_marker_or_with_bad_json(files, tmp_path):
-    with pytest.raises(hexp.HiF4CheckpointError, match="format marker\\) is missing"):
-        hexp.load_hif4_checkpoint(files[HIGH])
+    with pytest.raises(hckpt.HiF4CheckpointError, match="format marker\\) is missing"):
+        hckpt.load_hif4_checkpoint(files[HIGH])
     with safe_open(str(files["packed"]), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     for raw, msg in (("{not json", "bad HiF4 metadata JSON"), ('{"format": NaN}', "bad HiF4 metadata JSON"),
                      ("[1, 2]", "not a JSON object")):
-        save_file(t, str(tmp_path / "j.safetensors"), metadata={hexp.METADATA_KEY: raw})
-        with pytest.raises(hexp.HiF4CheckpointError, match=msg):
-            hexp.load_hif4_checkpoint(tmp_path / "j.safetensors")
+        save_file(t, str(tmp_path / "j.safetensors"), metadata={hckpt.METADATA_KEY: raw})
+        with pytest.raises(hckpt.HiF4CheckpointError, match=msg):
+            hckpt.load_hif4_checkpoint(tmp_path / "j.safetensors")
 
 
 def test_load_rejects_non_safetensors_files_without_unpickling(tmp_path):
@@ -347,32 +392,32 @@ def test_load_rejects_non_safetensors_files_without_unpickling(tmp_path):
     torch_file = tmp_path / "torch.safetensors"
     torch.save({"a": torch.zeros(3)}, torch_file)
     for path in (pkl, torch_file):
-        with pytest.raises(hexp.HiF4CheckpointError, match="not a safetensors file"):
-            hexp.load_hif4_checkpoint(path)
+        with pytest.raises(hckpt.HiF4CheckpointError, match="not a safetensors file"):
+            hckpt.load_hif4_checkpoint(path)
     assert not marker.exists()
     (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
-    with pytest.raises(hexp.HiF4CheckpointError, match="only 2 bytes"):
-        hexp.load_hif4_checkpoint(tmp_path / "short.safetensors")
-    with pytest.raises(hexp.HiF4CheckpointError, match="cannot read"):
-        hexp.load_hif4_checkpoint(tmp_path)  # a directory
-    with pytest.raises(hexp.HiF4CheckpointError, match="cannot read"):
-        hexp.load_hif4_checkpoint(tmp_path / "missing.safetensors")
-    assert not hexp.is_hif4_checkpoint(pkl) and not hexp.is_hif4_checkpoint(tmp_path)
+    with pytest.raises(hckpt.HiF4CheckpointError, match="only 2 bytes"):
+        hckpt.load_hif4_checkpoint(tmp_path / "short.safetensors")
+    with pytest.raises(hckpt.HiF4CheckpointError, match="cannot read"):
+        hckpt.load_hif4_checkpoint(tmp_path)  # a directory
+    with pytest.raises(hckpt.HiF4CheckpointError, match="cannot read"):
+        hckpt.load_hif4_checkpoint(tmp_path / "missing.safetensors")
+    assert not hckpt.is_hif4_checkpoint(pkl) and not hckpt.is_hif4_checkpoint(tmp_path)
 
 
 def test_load_rejects_truncated_data(files, tmp_path):
     data = files["packed"].read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[:-100])
-    with pytest.raises(hexp.HiF4CheckpointError, match="not a (readable )?safetensors file"):
-        hexp.load_hif4_checkpoint(cut)
+    with pytest.raises(hckpt.HiF4CheckpointError, match="not a (readable )?safetensors file"):
+        hckpt.load_hif4_checkpoint(cut)
 
 
 def test_install_refuses_a_model_of_other_shapes(files):
     with torch.device("meta"):
         model = TinyWan(make_tiny_wan("t2v", dim=128, ffn_dim=384, layers=2, text_dim=64).config)
-    with pytest.raises(hexp.HiF4CheckpointError, match="no Linear of the packed shape"):
-        hexp.install_checkpoint_(model, hexp.load_hif4_checkpoint(files["packed"]))
+    with pytest.raises(hckpt.HiF4CheckpointError, match="no Linear of the packed shape"):
+        hckpt.install_checkpoint_(model, hckpt.load_hif4_checkpoint(files["packed"]))
 
 
 # --------------------------------------------------------------------------- progress and cancel

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexp
 from hifloat4 import inspect_state, safefile
 from hifloat4 import state as hstate
@@ -76,8 +77,8 @@ def _readers(files, tmp_path):
     out = str(tmp_path / "out.safetensors")
     return {
         "state": hstate.load_state,
-        "packed": hexp.load_hif4_checkpoint,
-        "packed header": hexp.read_hif4_header,
+        "packed": hckpt.load_hif4_checkpoint,
+        "packed header": hckpt.read_hif4_header,
         "export source": hexp.SafetensorsSource,
         "inspect": lambda p: inspect_state.main([p]),
         "export --model": lambda p: hexp.main(["--model", p, "--state", str(files["state"]), "--out", out]),
@@ -97,7 +98,7 @@ def assert_refused_everywhere(files, tmp_path, path, capsys=None):
                 with pytest.raises(HiF4FileError):
                     read(str(path))
     with deadline():
-        assert not hexp.is_hif4_checkpoint(path)
+        assert not hckpt.is_hif4_checkpoint(path)
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -108,13 +109,13 @@ def test_a_header_nested_100k_levels_deep_is_refused_by_every_reader(files, tmp_
     assert_refused_everywhere(files, tmp_path, path)
 
 
-@pytest.mark.parametrize("key", [hstate.METADATA_KEY, hexp.METADATA_KEY])
+@pytest.mark.parametrize("key", [hstate.METADATA_KEY, hckpt.METADATA_KEY])
 def test_metadata_json_nested_100k_levels_deep_is_refused(files, tmp_path, key):
     path = str(tmp_path / "deep_meta.safetensors")
     save_file({"x": torch.zeros(1, dtype=torch.float16)}, path, metadata={key: "[" * 100_000 + "]" * 100_000})
     with deadline():
         with pytest.raises(HiF4FileError, match="nested 100000 levels deep"):
-            (hstate.load_state if key == hstate.METADATA_KEY else hexp.load_hif4_checkpoint)(path)
+            (hstate.load_state if key == hstate.METADATA_KEY else hckpt.load_hif4_checkpoint)(path)
 
 
 def test_a_fifo_is_refused_by_every_reader_without_blocking(files, tmp_path):
@@ -129,9 +130,9 @@ def _renamed_block(src, dst, block: int):
     """A packed checkpoint whose block 1 is renamed to `block` (tensors and metadata)."""
     with safe_open(str(src), "pt") as f:
         tensors = {k.replace("blocks.1.", f"blocks.{block}."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        meta = json.loads(f.metadata()[hexp.METADATA_KEY])
+        meta = json.loads(f.metadata()[hckpt.METADATA_KEY])
     meta["layers"] = {k.replace("blocks.1.", f"blocks.{block}."): v for k, v in meta["layers"].items()}
-    save_file(tensors, str(dst), metadata={hexp.METADATA_KEY: json.dumps(meta)})
+    save_file(tensors, str(dst), metadata={hckpt.METADATA_KEY: json.dumps(meta)})
     return str(dst)
 
 
@@ -149,7 +150,7 @@ def _bounded(call, exc=HiF4FileError, match=None, megabytes=64):
 
 def test_a_block_index_of_10_to_the_12_is_refused_without_a_huge_allocation(files, tmp_path):
     path = _renamed_block(files["packed"], tmp_path / "far.safetensors", 10**12)
-    _bounded(lambda: hexp.load_hif4_checkpoint(path), match="block index")
+    _bounded(lambda: hckpt.load_hif4_checkpoint(path), match="block index")
 
 
 def test_a_source_model_with_block_index_10_to_the_12_is_refused_by_export(files, tmp_path):
@@ -225,12 +226,12 @@ def test_bad_rotation_parameters_are_refused_at_load_and_by_inspect(files, tmp_p
 def test_bad_rotation_seeds_in_a_packed_checkpoint_are_refused(files, tmp_path, seed):
     with safe_open(str(files["packed"]), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        meta = json.loads(f.metadata()[hexp.METADATA_KEY])
+        meta = json.loads(f.metadata()[hckpt.METADATA_KEY])
     meta["layers"]["blocks.0.ffn.0"]["rotation"] = {"block": 64, "seed": seed}
     path = str(tmp_path / "seed.safetensors")
-    save_file(tensors, path, metadata={hexp.METADATA_KEY: json.dumps(meta)})
-    with pytest.raises(hexp.HiF4CheckpointError, match="seed|int64"):
-        hexp.load_hif4_checkpoint(path)
+    save_file(tensors, path, metadata={hckpt.METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(hckpt.HiF4CheckpointError, match="seed|int64"):
+        hckpt.load_hif4_checkpoint(path)
 
 
 def test_an_extra_tensor_in_a_packed_checkpoint_is_refused_before_any_tensor_is_read(files, tmp_path):
@@ -241,11 +242,11 @@ def test_an_extra_tensor_in_a_packed_checkpoint_is_refused_before_any_tensor_is_
     path = str(tmp_path / "evil.safetensors")
     save_file(tensors, path, metadata=metadata)
     read = []
-    real = hexp.safe_open
+    real = hckpt.safe_open
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hexp, "safe_open", lambda *a, **k: read.append(a) or real(*a, **k))
-        with pytest.raises(hexp.HiF4CheckpointError, match="unexpected evil.weight"):
-            hexp.load_hif4_checkpoint(path)
+        mp.setattr(hckpt, "safe_open", lambda *a, **k: read.append(a) or real(*a, **k))
+        with pytest.raises(hckpt.HiF4CheckpointError, match="unexpected evil.weight"):
+            hckpt.load_hif4_checkpoint(path)
     assert read == []
 
 
@@ -257,7 +258,7 @@ def test_extra_safetensors_metadata_keys_are_refused(files, tmp_path, which):
     path = str(tmp_path / "extra_meta.safetensors")
     save_file(load_file(src), path, metadata=metadata)
     with pytest.raises(HiF4FileError, match="unknown safetensors metadata keys: note"):
-        (hstate.load_state if which == "state" else hexp.load_hif4_checkpoint)(path)
+        (hstate.load_state if which == "state" else hckpt.load_hif4_checkpoint)(path)
 
 
 def test_duplicate_json_keys_are_refused(files, tmp_path):
@@ -304,8 +305,8 @@ def test_a_listing_skips_bad_files_and_logs_each_once(files, tmp_path, caplog):
                ("pipe.safetensors", str(tmp_path / "pipe.safetensors")),
                ("deep.safetensors", str(tmp_path / "deep.safetensors")), ("gone.safetensors", None)]
     with deadline():
-        assert hexp.hif4_checkpoint_names(entries) == ["good.safetensors"]
-        assert hexp.hif4_checkpoint_names(entries) == ["good.safetensors"]
+        assert hckpt.hif4_checkpoint_names(entries) == ["good.safetensors"]
+        assert hckpt.hif4_checkpoint_names(entries) == ["good.safetensors"]
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert len(skipped) == 2 and any("pipe" in m for m in skipped) and any("deep" in m for m in skipped)
 
@@ -328,17 +329,17 @@ def test_a_save_refuses_a_symlink_at_the_target_name(files, tmp_path):
     outside.write_bytes(b"precious")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x_00001.safetensors").symlink_to(outside)
-    with pytest.raises(hexp.HiF4CheckpointError, match="symlink"):
+    with pytest.raises(hckpt.HiF4CheckpointError, match="symlink"):
         safefile.safe_output_path(tmp_path / "d", "x_00001.safetensors", what="model file", suffix=".safetensors",
-                                  error=hexp.HiF4CheckpointError)
+                                  error=hckpt.HiF4CheckpointError)
     hstate.save_state(tmp_path / "d" / "x_00001.safetensors", hstate.load_state(files["state"]))
     assert outside.read_bytes() == b"precious"  # the link itself was replaced, nothing written through it
 
 
 def test_output_path_errors_name_what_is_written(tmp_path):
-    with pytest.raises(hexp.HiF4CheckpointError, match="model file name '../x.safetensors'"):
+    with pytest.raises(hckpt.HiF4CheckpointError, match="model file name '../x.safetensors'"):
         safefile.safe_output_path(tmp_path, "../x.safetensors", what="model file", suffix=".safetensors",
-                                  error=hexp.HiF4CheckpointError)
+                                  error=hckpt.HiF4CheckpointError)
     with pytest.raises(hstate.PTQStateError, match="state name"):
         hstate.safe_state_path(tmp_path, "../x.safetensors")
 

@@ -103,6 +103,22 @@ def test_functional_forward_matches_module():
     assert torch.equal(w4a4_linear(x, w, lin.bias, quant), HiF4Linear(lin, quant)(x))
 
 
+def test_functional_forward_computes_in_the_compute_dtype_it_is_given():
+    """bf16 activations computed in float32 give float32 x's result: Q runs on float32 values either way."""
+    lin, m = layer(), mask_for(256)
+    quant = LayerQuant(m)
+    x = torch.randn(3, 256).bfloat16()
+    w = prepare_weight(lin.weight.detach(), m, dtype=torch.bfloat16)
+    y = w4a4_linear(x, w, lin.bias, quant, torch.float32)
+    assert y.dtype == torch.float32 and torch.equal(y, w4a4_linear(x.float(), w, lin.bias, quant))
+
+
+def test_prepare_activation_writes_the_dtype_it_is_asked_for():
+    x, m = torch.randn(3, 256).bfloat16(), mask_for(256)
+    out = prepare_activation(x, m, dtype=torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, prepare_activation(x.float(), m))
+
+
 def test_fp16_activations_saturate_finite_values_but_keep_infinities():
     """HiF4 reaches 344064, fp16 stops at 65504: finite values saturate; an Inf input is
     kept as Inf (the spec's non-finite policy), not turned into 65504."""

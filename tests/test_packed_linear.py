@@ -128,7 +128,7 @@ def test_packed_linear_with_rotation_is_bit_identical_to_fake_quant():
 def test_packed_linear_keeps_only_codes_mask_and_bias():
     _, packed = _layers(in_f=512, out_f=128)
     assert {n: t.dtype for n, t in packed.named_buffers()} == {
-        "weight_hif4": torch.uint8, "mask": torch.float32, "bias": torch.float32}
+        "weight": torch.uint8, "hif4_mask": torch.float32, "bias": torch.float32}
     assert list(packed.parameters()) == []
     assert resident_bytes(packed) == 128 * 8 * 36 + 512 * 4 + 128 * 4
     assert "packed=hif4" in repr(packed)

@@ -1,5 +1,5 @@
 """Real-ComfyUI tests (marker `comfyui`): skipped, with the reason shown, unless
-COMFYUI_DIR and the tiny harness models are available  (../shared/comfy_harness/README.md)."""
+COMFYUI_DIR and the tiny harness models are available (README.md, "Tests")."""
 import importlib
 import importlib.util
 import os

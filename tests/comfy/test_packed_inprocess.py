@@ -48,7 +48,8 @@ def mods(comfy):
             "adapter": importlib.import_module("comfyui_hifloat4.nodes.comfy_adapter"),
             "apply": importlib.import_module("comfyui_hifloat4.nodes.apply"),
             "state": importlib.import_module("hifloat4.state"),
-            "export": importlib.import_module("hifloat4.export")}
+            "export": importlib.import_module("hifloat4.export"),
+            "checkpoint": importlib.import_module("hifloat4.checkpoint")}
 
 
 @pytest.fixture
@@ -192,8 +193,8 @@ def test_save_node_writes_the_same_model_as_the_cli(comfy, mods, files, load_une
     assert out["ui"]["hifloat4_models"] == [{"filename": "t2v_high_00001.safetensors", "subfolder": "hif4",
                                              "type": "diffusion_models"}]
     saved = diffusion_dir / "hif4" / "t2v_high_00001.safetensors"
-    a, b = mods["export"].load_hif4_checkpoint(saved), mods["export"].load_hif4_checkpoint(files["packed"])
-    assert all(torch.equal(a.layers[n].packed.data, b.layers[n].packed.data) for n in b.layers)
+    a, b = mods["checkpoint"].load_hif4_checkpoint(saved), mods["checkpoint"].load_hif4_checkpoint(files["packed"])
+    assert all(torch.equal(a.layers[n].weight.data, b.layers[n].weight.data) for n in b.layers)
     assert torch.equal(run(comfy, mods["adapter"].load_packed_model(str(saved))),
                        run(comfy, mods["adapter"].load_packed_model(str(files["packed"]))))
     again = mods["packed"].HiF4SaveModel().save(load_unet(T2V_HIGH), state, HIGH, "hif4/t2v_high")
@@ -209,10 +210,10 @@ def test_save_node_packs_an_fp8_scaled_model_like_the_cli(comfy, mods, files, lo
                                 "--expert", HIGH, "--out", str(cli)]) == 0
     state = mods["state"].load_state(files["state"])
     mods["packed"].HiF4SaveModel().save(load_unet(fp8), state, HIGH, "fp8")
-    a = mods["export"].load_hif4_checkpoint(diffusion_dir / "fp8_00001.safetensors")
-    b = mods["export"].load_hif4_checkpoint(cli)
+    a = mods["checkpoint"].load_hif4_checkpoint(diffusion_dir / "fp8_00001.safetensors")
+    b = mods["checkpoint"].load_hif4_checkpoint(cli)
     assert set(a.tensors) == set(b.tensors) and not any(k.endswith(("scale", "comfy_quant")) for k in a.tensors)
-    assert all(torch.equal(a.layers[n].packed.data, b.layers[n].packed.data) for n in b.layers)
+    assert all(torch.equal(a.layers[n].weight.data, b.layers[n].weight.data) for n in b.layers)
     # the other tensors are those ComfyUI runs, dequantized exactly, so the file computes what Apply on the
     # same MODEL computes, up to rounding order (0.3.64's scaled fp8 op scales the input instead of the weight)
     got = run(comfy, mods["adapter"].load_packed_model(str(diffusion_dir / "fp8_00001.safetensors")))
