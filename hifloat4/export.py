@@ -289,7 +289,7 @@ class ExportReport:
 def _ptq_summary(state: hstate.PTQState) -> dict:
     _, meta = hstate.encode_state(state)
     checksum = json.loads(meta[hstate.METADATA_KEY])["checksum"]
-    return {"format": hstate.FORMAT_NAME, "format_version": hstate.FORMAT_VERSION, "method": state.method,
+    return {"format": hstate.FORMAT_NAME, "format_version": hstate.format_version(state), "method": state.method,
             "alpha": state.alpha, "percentile": state.percentile, "statistic": state.statistic,
             "rotation": state.rotation, "model_family": state.model_family, "model_variant": state.model_variant,
             "calibration": state.calibration, "tool_version": state.tool_version, "checksum": checksum}
