@@ -1,4 +1,7 @@
-"""Per-input-channel activation statistics of a Linear: running absmax and a tail percentile.
+"""Per-input-channel activation statistics of a Linear: running absmax, a tail percentile,
+and the ADAPTIVE_PERCENTILES tails (p99, p99.9, p99.99) a per-layer "adaptive" statistic
+chooses among. All percentiles of a call come out of one top-k selection (k for the
+lowest of them), so each is exact in the sense below.
 
 The tail statistic is the q-th percentile (default 99.9) of |x[:, c]| over the tokens
 of one forward call (tokens = all leading dims flattened), with numpy's default

@@ -1,6 +1,8 @@
 """HiF4LoadPTQState: pick a PTQ state file from calib_states."""
 from __future__ import annotations
 
+import logging
+
 from hifloat4 import safefile
 from hifloat4 import state as hstate
 
@@ -31,7 +33,14 @@ class HiF4LoadPTQState:
         problem = _unpicked(state_name)
         if problem:
             raise FileNotFoundError(problem)
-        return (hstate.load_state(self._path(state_name)),)
+        state = hstate.load_state(self._path(state_name))
+        missing = hstate.missing_features(state)
+        if missing:  # an older file still works; say what it cannot do
+            return {"ui": adapter.tell(f"{state_name} is a version {hstate.format_version(state)} PTQ state without "
+                                       f"{' or '.join(missing)}; recalibrate with this version to get them",
+                                       logging.WARNING),
+                    "result": (state,)}
+        return (state,)
 
     @staticmethod
     def _path(state_name) -> str:

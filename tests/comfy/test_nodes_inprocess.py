@@ -153,3 +153,19 @@ def test_the_node_calibrates_with_the_rotation_and_records_it(nodes, pair, calib
     assert rotated.rotation == {"block": 64, "seed": 0}  # the largest power of two <= 100
     ls, ref = rotated.experts["high_noise"].layers["blocks.0.ffn.2"], plain.experts["high_noise"].layers["blocks.0.ffn.2"]
     assert torch.equal(ls.mask, ref.mask) and not torch.equal(ls.errors, ref.errors)
+
+
+def test_load_says_what_a_version_1_state_lacks(comfy, nodes, pair, calib_dir, progress):
+    import dataclasses
+
+    from hifloat4 import state as hstate
+    load = importlib.import_module("comfyui_hifloat4.nodes.load")
+    state = calibrate(nodes, pair)["result"][0]
+    v1 = dataclasses.replace(state, experts={e: hstate.ExpertState(
+        {ln: dataclasses.replace(ls, tails=None, errors=None) for ln, ls in ex.layers.items()}, ex.fingerprint)
+        for e, ex in state.experts.items()})
+    hstate.save_state(calib_dir / "old.safetensors", v1)
+    out = load.HiF4LoadPTQState().load("old.safetensors")
+    assert out["result"][0].experts["high_noise"].layers["blocks.0.ffn.0"].errors is None
+    assert "sensitivity" in out["ui"]["text"][0] and "adaptive statistic" in out["ui"]["text"][0]
+    assert load.HiF4LoadPTQState().load("run/t2v_00001.safetensors")[0].statistic == "tail"
