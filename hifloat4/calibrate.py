@@ -1,12 +1,14 @@
 """Plain-PyTorch calibration: observe the main Linear inputs while a sampling loop
-runs, then turn the statistics into a PTQ state.
+runs, then turn the observations into a PTQ state.
 
 The pieces are separate so that each caller uses only what it needs:
-* `observe(model, names, percentile)` - a context manager putting forward pre-hooks
-  on Linear layers that feed `ChannelStats`; the hooks are removed in `finally`.
-* `build_state({expert: (module, stats)}, config)` - weight absmax, channel masks,
-  fingerprints and metadata -> `PTQState` (the ComfyUI node samples through ComfyUI
-  and builds its state from the same stats/smoothing/state functions).
+* `LayerObservation` - what one layer records per forward call (ChannelStats and a
+  TokenSample); the ComfyUI node's observers feed the same class.
+* `observe(model, names, config)` - a context manager putting forward pre-hooks on
+  Linear layers that feed `LayerObservation`s; the hooks are removed in `finally`.
+* `build_state({expert: ExpertObservation}, config)` - weight absmax, channel masks,
+  tails, per-layer output errors, fingerprints and metadata -> `PTQState`. The node
+  builds its state here too, passing ComfyUI's real-valued weights and fingerprint.
 * `calibrate(experts, run, config)` - both of the above around a callable `run()`
   that drives the models (e.g. `sample_two_expert` over a few prompts).
 The sampler that drives the models in the demo and tests is hifloat4.sampling.
@@ -14,6 +16,7 @@ The sampler that drives the models in the demo and tests is hifloat4.sampling.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,8 +25,8 @@ from torch import Tensor, nn
 
 from . import rotation as hrotation
 from . import wan
-from .experts import HIGH, LOW  # the expert names live in one place
 from .rotation import Rotation
+from .sensitivity import TokenSample, layer_errors, to_device
 from .smoothing import MaskConfig, Statistic, weight_absmax
 from .state import ExpertState, PTQState, make_layer_state
 from .stats import ChannelStats
@@ -32,12 +35,14 @@ from .stats import ChannelStats
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """How statistics become masks. Defaults are the paper's: p99.9 tail, alpha 0.5."""
+    """How statistics become masks. Defaults are the paper's: p99.9 tail, alpha 0.5.
+    `sample_tokens`: input tokens kept per layer to measure its W4A4 output error."""
 
     percentile: float = 99.9
     alpha: float = 0.5
     statistic: Statistic = "tail"
     rotation: Rotation | None = None
+    sample_tokens: int = 128
 
     def __post_init__(self) -> None:
         self.mask_config()  # validates alpha and statistic with MaskConfig's own checks
@@ -46,12 +51,42 @@ class CalibConfig:
             raise ValueError(f"CalibConfig.percentile must be in (0, 100], got {p!r}")
         if self.rotation is not None and not isinstance(self.rotation, Rotation):
             raise ValueError(f"CalibConfig.rotation must be a Rotation or None, got {self.rotation!r}")
+        n = self.sample_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"CalibConfig.sample_tokens must be an int >= 1, got {n!r}")
 
     def mask_config(self) -> MaskConfig:
         return MaskConfig(alpha=self.alpha, statistic=self.statistic)
 
 
 # --------------------------------------------------------------------------- observation
+
+class LayerObservation:
+    """Everything calibration records about one Linear's inputs, one `update` per call:
+    the per-channel statistics and the token sample for its output error."""
+
+    def __init__(self, channels: int, config: CalibConfig, device: torch.device | str | None = None) -> None:
+        self.stats = ChannelStats(channels, config.percentile, device=device)
+        self.sample = TokenSample(channels, capacity=config.sample_tokens, device=device)
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach()
+        self.stats.update(x)
+        self.sample.update(x)
+
+
+@dataclass(frozen=True)
+class ExpertObservation:
+    """One expert's calibration: its Wan model (layer policy, variant), the observations,
+    and where its real-valued weights and fingerprint come from (default: the model's
+    nn.Linear weights and `wan.fingerprint(model)`; ComfyUI passes LoRA-merged,
+    dequantized weights and the fingerprint of its unpatched model)."""
+
+    model: nn.Module
+    layers: Mapping[str, LayerObservation]
+    weight: Callable[[str], Tensor] | None = None
+    fingerprint: dict | None = None
+
 
 def _resolve_linears(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Linear]:
     """Wan-relative layer names -> the nn.Linear modules (a key prefix such as
@@ -72,79 +107,105 @@ def _resolve_linears(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Lin
 
 @contextlib.contextmanager
 def observe(model: nn.Module, layer_names: Sequence[str] | None = None,
-            percentile: float = 99.9) -> Iterator[dict[str, ChannelStats]]:
-    """Collect ChannelStats of each named Linear's input while the block runs.
+            config: CalibConfig = CalibConfig()) -> Iterator[dict[str, LayerObservation]]:
+    """Record a LayerObservation of each named Linear's input while the block runs.
 
     `layer_names` default to the Wan main layers (`wan.main_linear_names`). Each
-    forward call is one `ChannelStats.update` (so cond+uncond batched together
-    form one call). The hooks are removed on exit, also when the block raises.
+    forward call is one update (so cond+uncond batched together form one call).
+    The hooks are removed on exit, also when the block raises.
     """
     names = wan.main_linear_names(model) if layer_names is None else list(layer_names)
     linears = _resolve_linears(model, names)
-    stats = {n: ChannelStats(m.in_features, percentile, device=m.weight.device) for n, m in linears.items()}
+    observed = {n: LayerObservation(m.in_features, config, device=m.weight.device) for n, m in linears.items()}
     handles = []
     try:
         for name, module in linears.items():
-            handles.append(module.register_forward_pre_hook(_observer(stats[name])))
-        yield stats
+            handles.append(module.register_forward_pre_hook(_observer(observed[name])))
+        yield observed
     finally:
         for h in handles:
             h.remove()
 
 
-def _observer(stats: ChannelStats):
+def _observer(observation: LayerObservation):
     def hook(module: nn.Module, args: tuple) -> None:
-        stats.update(args[0].detach())
+        observation.update(args[0])
     return hook
 
 
 # --------------------------------------------------------------------------- state
 
-def expert_state(model: nn.Module, stats: Mapping[str, ChannelStats], config: CalibConfig) -> ExpertState:
-    """Masks of one expert: wmax from the model's weights, a_c from its statistics.
+def _to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors on the CPU in one device->host transfer (one sync, not one each)."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    flat = torch.cat([t.detach().to(device, torch.float32).reshape(-1) for t in tensors]).cpu()
+    return [part.view(t.shape).clone() for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _layer_names(ex: ExpertObservation) -> list[str]:
+    """The observed layers in policy order; refuses layers never called or not Wan main layers."""
+    empty = [n for n, o in ex.layers.items() if o.stats.calls == 0]
+    if empty:
+        raise ValueError(f"{len(empty)} layer(s) never saw an input during calibration (e.g. {empty[0]}): "
+                         f"was this expert ever called?")
+    names = [n for n in wan.main_linear_names(ex.model) if n in ex.layers]
+    if set(names) != set(ex.layers):
+        raise ValueError(f"statistics for layers that are not Wan main layers: "
+                         f"{sorted(set(ex.layers) - set(names))[:5]}")
+    return names
+
+
+def expert_state(ex: ExpertObservation, config: CalibConfig) -> ExpertState:
+    """Masks, statistics and output errors of one expert.
 
     Built with `state.make_layer_state` (statistics rounded to their storage dtypes,
     the mask derived from the rounded values), so `state.remask` with the same
     settings reproduces the masks bit for bit (the clamp is MaskConfig's, fixed).
+    Two passes over the weights: the statistics reach the host in one transfer, then
+    every layer's errors are queued on the device and read back in one transfer.
     """
-    empty = [n for n, s in stats.items() if s.calls == 0]
-    if empty:
-        raise ValueError(f"{len(empty)} layer(s) never saw an input during calibration (e.g. {empty[0]}): "
-                         f"was this expert ever called?")
-    linears = _resolve_linears(model, list(stats))
-    layers = {}
-    for name in wan.main_linear_names(model):  # policy order, whatever order the stats came in
-        if name not in stats:
-            continue
-        st = stats[name]
-        layers[name] = make_layer_state(weight_absmax(linears[name].weight.detach()), st.absmax, st.tail,
-                                        alpha=config.alpha, statistic=config.statistic)
-    if set(layers) != set(stats):
-        raise ValueError(f"statistics for layers that are not Wan main layers: {sorted(set(stats) - set(layers))[:5]}")
-    return ExpertState(layers=layers, fingerprint=wan.fingerprint(model))
+    names = _layer_names(ex)
+    if ex.weight is None:
+        linears = _resolve_linears(ex.model, names)
+        weight = lambda name: linears[name].weight.detach()  # noqa: E731
+    else:
+        weight = ex.weight
+    stats = {n: ex.layers[n].stats for n in names}
+    raw = _to_host([t for n in names for t in (to_device(weight_absmax(weight(n)), stats[n].device),
+                                                stats[n].absmax, stats[n].tail, stats[n].tails)])
+    base = {n: make_layer_state(*raw[4 * i : 4 * i + 3], alpha=config.alpha, statistic=config.statistic,
+                                tails=raw[4 * i + 3])
+            for i, n in enumerate(names)}
+    errors = _to_host([layer_errors(ex.layers[n].sample, weight(n), base[n], config.alpha, config.rotation)
+                       for n in names])
+    layers = {n: dataclasses.replace(base[n], errors=e) for n, e in zip(names, errors)}
+    fingerprint = wan.fingerprint(ex.model) if ex.fingerprint is None else ex.fingerprint
+    return ExpertState(layers=layers, fingerprint=fingerprint)
 
 
-def build_state(experts: Mapping[str, tuple[nn.Module, Mapping[str, ChannelStats]]], config: CalibConfig,
+def build_state(experts: Mapping[str, ExpertObservation], config: CalibConfig,
                 calibration: Mapping | None = None, extra: Mapping | None = None) -> PTQState:
-    """PTQState from each expert's model and statistics.
+    """PTQState from each expert's observations.
 
     `calibration` (settings such as prompts, steps, cfg, seed, switch step) is stored
     as given, plus per-expert forward calls and tokens observed.
     """
     if not experts:
         raise ValueError("no experts to build a state from")
-    variants = {name: wan.detect_variant(model) for name, (model, _) in experts.items()}
+    variants = {name: wan.detect_variant(ex.model) for name, ex in experts.items()}
     kinds = {(v.family, v.variant) for v in variants.values()}
     if len(kinds) > 1:
         described = "; ".join(f"{n}: {v.describe()}" for n, v in variants.items())
         raise ValueError(f"experts are different models ({described})")
     family, variant = kinds.pop()
     calib = dict(calibration or {})
-    calib["observed"] = {name: {"calls": max((s.calls for s in stats.values()), default=0),
-                                "tokens": max((s.tokens for s in stats.values()), default=0)}
-                         for name, (_, stats) in experts.items()}
+    calib["observed"] = {name: {"calls": max((o.stats.calls for o in ex.layers.values()), default=0),
+                                "tokens": max((o.stats.tokens for o in ex.layers.values()), default=0)}
+                         for name, ex in experts.items()}
     return PTQState(
-        experts={name: expert_state(model, stats, config) for name, (model, stats) in experts.items()},
+        experts={name: expert_state(ex, config) for name, ex in experts.items()},
         alpha=float(config.alpha), percentile=float(config.percentile), statistic=config.statistic,
         rotation=hrotation.to_meta(config.rotation), model_family=family, model_variant=variant,
         calibration=calib, extra=dict(extra or {}))
@@ -154,8 +215,8 @@ def calibrate(experts: Mapping[str, nn.Module], run: Callable[[], None], config:
               calibration: Mapping | None = None) -> PTQState:
     """Observe every expert's main layers while `run()` drives them, then build the state."""
     with contextlib.ExitStack() as stack:
-        stats = {name: stack.enter_context(observe(model, percentile=config.percentile))
-                 for name, model in experts.items()}
+        observed = {name: stack.enter_context(observe(model, config=config)) for name, model in experts.items()}
         with torch.no_grad():
             run()
-    return build_state({name: (model, stats[name]) for name, model in experts.items()}, config, calibration)
+    return build_state({name: ExpertObservation(model, observed[name]) for name, model in experts.items()},
+                       config, calibration)

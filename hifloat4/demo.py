@@ -45,11 +45,11 @@ from .calibrate import CalibConfig, calibrate
 from .experts import HIGH, LOW
 from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from .format import GROUP_SIZE, quantize_dequantize
-from .linear import HiF4Linear
 from .eval.keep_eval import keep_sweep
+from .linear import HiF4Linear
 from .plan import W4A4Config, make_plan
 from .quantize import LayersConfig, quantize_
-from .state import FIELD_DTYPES, TENSOR_FIELDS, PTQState, load_state, remask, save_state, sensitivity, state_nbytes
+from .state import PTQState, layer_nbytes, load_state, remask, save_state, sensitivity, state_nbytes
 from .tiny_wan import TinyWan, WanConfig, make_tiny_wan
 
 METHODS = ("none", "max", "tail", "tail_rotation")
@@ -161,9 +161,7 @@ def a14b_projection() -> dict:
     with torch.device("meta"):
         model = TinyWan(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, text_dim=4096))
     shapes = wan.linear_shapes(model)
-    channels = sum(shapes[n][1] for n in wan.main_linear_names(model))
-    per_channel = sum(torch.empty(0, dtype=FIELD_DTYPES[f]).element_size() for f in TENSOR_FIELDS)
-    state = 2 * channels * per_channel
+    state = 2 * sum(layer_nbytes(shapes[n][1]) for n in wan.main_linear_names(model))
     weights = 2 * bf16_bytes(model)
     return {"state_tensor_bytes": state, "model_bf16_bytes": weights, "state_pct": 100.0 * state / weights}
 

@@ -251,7 +251,7 @@ def _ptq_summary(config: W4A4Config) -> dict:
     state = config.state
     _, meta = hstate.encode_state(state)
     checksum = json.loads(meta[hstate.METADATA_KEY])["checksum"]
-    return {"format": hstate.FORMAT_NAME, "format_version": hstate.FORMAT_VERSION, "method": state.method,
+    return {"format": hstate.FORMAT_NAME, "format_version": hstate.format_version(state), "method": state.method,
             "alpha": state.alpha, "percentile": state.percentile, "statistic": state.statistic,
             "rotation": state.rotation, "model_family": state.model_family, "model_variant": state.model_variant,
             "calibration": state.calibration, "tool_version": state.tool_version, "checksum": checksum,

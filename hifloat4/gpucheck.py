@@ -34,7 +34,7 @@ from .bench import best_seconds, peak_forward_bytes
 from .format import quantize_dequantize, saturate_
 from .linear import LayerQuant, prepare_activation, prepare_weight
 from .quantize import LayersConfig, quantize_
-from .packed_linear import PackedHiF4Linear, expand_weight, pack_weight
+from .packed_linear import expand_weight, pack_weight
 from .tiny_wan import WanBlock, WanConfig, rope_angles
 
 DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"

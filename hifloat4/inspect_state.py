@@ -1,5 +1,8 @@
 """`python -m hifloat4 inspect FILE [--json]`: validate a PTQ state file and show what
-is in it (metadata, experts, layers, channels, file size, checksum).
+is in it (metadata, experts, layers, channels, file size, checksum), and from format
+version 2 on the most sensitive layers (largest relative W4A4 output error on the
+calibration sample) and how many layers each statistic would get under "adaptive";
+for a version 1 file, what it lacks.
 
 Validation is `hifloat4.state.load_state` itself, so "checksum OK" here means exactly
 what the Load PTQ State node will accept. Exit codes: 0 good file, 2 bad or missing
@@ -17,7 +20,10 @@ from collections.abc import Sequence
 import torch
 
 from .safefile import loads_json, read_header
-from .state import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, PTQState, PTQStateError, load_state, state_nbytes
+from .state import (CANDIDATES, FORMAT_NAME, METADATA_KEY, PTQState, PTQStateError, adaptive_choice, format_version,
+                    load_state, missing_features, sensitivity, state_nbytes)
+
+MOST_SENSITIVE = 10  # layers listed
 
 
 def _checksum(path: str) -> str:
@@ -29,6 +35,22 @@ def _checksum(path: str) -> str:
 def _mask_range(state: PTQState, expert: str) -> list[float]:
     masks = torch.cat([ls.mask for ls in state.experts[expert].layers.values()])
     return [float(masks.min()), float(masks.median()), float(masks.max())]
+
+
+def _adaptive_counts(state: PTQState, expert: str) -> dict[str, int] | None:
+    """How many layers of the expert each CANDIDATES statistic wins (None for version 1)."""
+    if missing_features(state):
+        return None
+    choices = [adaptive_choice(ls) for ls in state.experts[expert].layers.values()]
+    return {c: choices.count(c) for c in CANDIDATES}
+
+
+def _most_sensitive(state: PTQState) -> list[dict]:
+    if missing_features(state):
+        return []
+    rows = [{"expert": e, "layer": ln, "error": sensitivity(ls), "adaptive": adaptive_choice(ls)}
+            for e, ex in state.experts.items() for ln, ls in ex.layers.items()]
+    return sorted(rows, key=lambda r: -r["error"])[:MOST_SENSITIVE]
 
 
 def summarize(path: str | os.PathLike) -> dict:
@@ -43,6 +65,7 @@ def summarize(path: str | os.PathLike) -> dict:
             "layers": len(ex.layers),
             "channels": sum(ls.channels for ls in ex.layers.values()),
             "mask_min_median_max": _mask_range(state, name),
+            "adaptive_choices": _adaptive_counts(state, name),
             "shape_hash": fp["shape_hash"],
             "content_hash": fp["content_hash"],
         })
@@ -53,7 +76,9 @@ def summarize(path: str | os.PathLike) -> dict:
         "checksum": _checksum(path),
         "checksum_ok": True,
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(state),
+        "missing": missing_features(state),
+        "most_sensitive": _most_sensitive(state),
         "hif4_spec": state.hif4_spec,
         "method": state.method,
         "alpha": state.alpha,
@@ -96,6 +121,16 @@ def render(summary: dict) -> str:
         lines.append(f"  {e['name']:<12} {e['layers']} layers, {e['channels']} channels, "
                      f"mask min/median/max {lo:.3g}/{med:.3g}/{hi:.3g}, "
                      f"shape {e['shape_hash'][:12]}, content {content}")
+        if e["adaptive_choices"] is not None:
+            lines.append(f"  {'':<12} adaptive statistic: "
+                         + ", ".join(f"{c} {n}" for c, n in e["adaptive_choices"].items()) + " layers")
+    if summary["missing"]:
+        lines.append(f"missing:     a version {summary['format_version']} state has no "
+                     f"{' and no '.join(summary['missing'])}; recalibrate with this version to get them")
+    if summary["most_sensitive"]:
+        lines.append("most sensitive (relative W4A4 output error on the calibration sample, adaptive choice):")
+        lines += [f"  {r['expert'] + '/' + r['layer']:<40} {r['error']:.4g}  {r['adaptive']}"
+                  for r in summary["most_sensitive"]]
     return "\n".join(lines)
 
 

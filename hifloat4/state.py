@@ -1,11 +1,22 @@
 """The PTQ state file: per-layer channel masks plus the raw statistics they came
 from, for one or two Wan experts, in a .safetensors file (never pickle).
 
-Layout. Tensors, all fp32 and 1-D of the layer's in_features C:
-    "<expert>/<layer>/mask"    m_c, the SmoothQuant channel mask in use
-    "<expert>/<layer>/absmax"  max |x_c| over calibration tokens
-    "<expert>/<layer>/tail"    the percentile statistic of |x_c|
-    "<expert>/<layer>/wmax"    max_o |W[o, c]|, so masks can be re-derived (remask)
+Layout (format version 2). Tensors per expert and main layer, C = in_features:
+    "<expert>/<layer>/mask"    (C,) fp16   m_c, the SmoothQuant channel mask in use
+    "<expert>/<layer>/absmax"  (C,) bf16   max |x_c| over calibration tokens
+    "<expert>/<layer>/tail"    (C,) bf16   the percentile statistic of |x_c|
+    "<expert>/<layer>/wmax"    (C,) bf16   max_o |W[o, c]|, so masks can be re-derived (remask)
+    "<expert>/<layer>/tails"   (3, C) bf16 |x_c| at ADAPTIVE_PERCENTILES (p99, p99.9, p99.99)
+    "<expert>/<layer>/errors"  (5,) fp32   relative output error ||Q(x m) Q(W/m)^T - x W^T|| / ||x W^T||
+                                           on the calibration token sample, for the masks of
+                                           ERROR_KEYS: the calibrated mask (the sensitivity),
+                                           then each CANDIDATES statistic at the calibrated
+                                           alpha and rotation (the "adaptive" choice)
+Each statistic is max over calibration calls of that call's value, so per channel
+p99 <= p99.9 <= p99.99 <= absmax and tail <= absmax (checked at load).
+Version 1 files (no tails/errors) still load, with those fields None: they cannot
+give a sensitivity or an "adaptive" statistic (`missing_features` says so); saving
+a state without them writes version 1 again, a state with them version 2.
 Metadata: ONE key, METADATA_KEY, holding a JSON object (sorted keys). One key
 because safetensors writes a multi-key metadata map in random order, and a
 shared calibration file should be byte-identical each time it is written. The
@@ -33,23 +44,34 @@ from torch import Tensor, nn
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
 from hifloat4.smoothing import STATISTICS, MaskConfig, channel_mask
+from hifloat4.stats import ADAPTIVE_PERCENTILES
 from hifloat4.safefile import HiF4FileError, atomic_file, few, loads_json, parse_header, read_regular, safe_output_path
 
 FORMAT_NAME = "hifloat4-ptq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what a calibration writes; READABLE_VERSIONS are what load accepts
+READABLE_VERSIONS = (1, 2)
 HIF4_SPEC_ID = "hif4-arxiv2602.11287-v1"
 METHOD = "tail-aware-smoothquant"
 METADATA_KEY = "hifloat4_ptq"
-TENSOR_FIELDS = ("mask", "absmax", "tail", "wmax")
+TENSOR_FIELDS = ("mask", "absmax", "tail", "wmax")  # (C,) each, every version
+V2_FIELDS = ("tails", "errors")  # format version 2: required there, refused in version 1
+# The statistics an "adaptive" choice picks from per layer, in this order (ties go to
+# the earlier one), and the masks whose output error calibration records.
+CANDIDATES: tuple[str, ...] = tuple(f"p{q:g}" for q in ADAPTIVE_PERCENTILES) + ("max",)
+ERROR_KEYS: tuple[str, ...] = ("calibrated",) + CANDIDATES
+REMASK_STATISTICS: tuple[str, ...] = STATISTICS + ("adaptive",)
 # Storage dtypes. Masks are used exactly as stored (fp16: 11 significant bits, range
 # covers the mask clamp); raw statistics only feed mask derivation, so bf16 (fp32's
 # range, 8 bits) is plenty. Masks are always derived from the *stored* statistics,
 # so re-deriving them with the same settings reproduces the stored masks bit for bit.
-# Together: 8 bytes per channel, 0.067% of a bf16 Wan2.2-A14B expert pair.
-FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16}
+# Version 1: 8 bytes per channel, 0.067% of a bf16 Wan2.2-A14B expert pair. Version 2
+# adds 6 bytes per channel (tails) and 20 per layer (errors, fp32: few, and compared with
+# each other to pick the adaptive statistic): 0.117% (`layer_nbytes`).
+FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16,
+                "tails": torch.bfloat16, "errors": torch.float32}
 SUFFIX = ".safetensors"
 TOOL_VERSION_FALLBACK = "0.1.0"
-_TAIL_SLACK = 1e-6  # tail <= absmax up to float rounding of the percentile interpolation
+_TAIL_SLACK = 1e-6  # tail <= absmax (and tails in order) up to float rounding of the interpolation
 MAX_ROTATION_BLOCK = 8192  # the Apply node's limit; Wan2.2's in-features take blocks up to 2048
 MAX_STATE_BYTES = 2**30  # read whole: both A14B experts are 37 MiB
 
@@ -71,12 +93,15 @@ def tool_version() -> str:
 
 @dataclass
 class LayerState:
-    """Per-input-channel tensors of one quantized Linear, each (C,), dtypes FIELD_DTYPES."""
+    """Per-input-channel tensors of one quantized Linear, each (C,), dtypes FIELD_DTYPES;
+    `tails` (3, C) and `errors` (5,) as in the module docstring, None in version 1 states."""
 
     mask: Tensor
     absmax: Tensor
     tail: Tensor
     wmax: Tensor
+    tails: Tensor | None = None
+    errors: Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -113,39 +138,112 @@ class PTQState:
 
 # --------------------------------------------------------------------------- masks
 
-def _mask(wmax: Tensor, absmax: Tensor, tail: Tensor, alpha: float, statistic: str) -> Tensor:
-    act = tail if statistic == "tail" else absmax
+def _mask(wmax: Tensor, act: Tensor, alpha: float, statistic: str) -> Tensor:
+    """The stored (fp16) mask from stored statistics; `act` is unused for "none"."""
     mask = channel_mask(wmax.float(), act.float(), MaskConfig(alpha=alpha, statistic=statistic))
     return mask.to(FIELD_DTYPES["mask"])
 
 
-def make_layer_state(wmax: Tensor, absmax: Tensor, tail: Tensor, *, alpha: float, statistic: str) -> LayerState:
+def _stored(t: Tensor, f: str) -> Tensor:
+    return t.detach().cpu().to(FIELD_DTYPES[f])
+
+
+def make_layer_state(wmax: Tensor, absmax: Tensor, tail: Tensor, *, alpha: float, statistic: str,
+                     tails: Tensor | None = None, errors: Tensor | None = None) -> LayerState:
     """LayerState: statistics rounded to their storage dtype, then the mask derived
-    from the rounded values (hifloat4.smoothing.channel_mask) and stored in fp16."""
-    wmax, absmax, tail = (t.detach().cpu().to(FIELD_DTYPES[f]) for t, f in ((wmax, "wmax"), (absmax, "absmax"), (tail, "tail")))
-    return LayerState(mask=_mask(wmax, absmax, tail, alpha, statistic), absmax=absmax, tail=tail, wmax=wmax)
+    from the rounded values (hifloat4.smoothing.channel_mask) and stored in fp16, so
+    remask with the same settings reproduces it bit for bit."""
+    wmax, absmax, tail = _stored(wmax, "wmax"), _stored(absmax, "absmax"), _stored(tail, "tail")
+    return LayerState(mask=_mask(wmax, tail if statistic == "tail" else absmax, alpha, statistic),
+                      absmax=absmax, tail=tail, wmax=wmax,
+                      tails=None if tails is None else _stored(tails, "tails"),
+                      errors=None if errors is None else _stored(errors, "errors"))
+
+
+def _require(ls: LayerState, field: str, what: str) -> None:
+    if getattr(ls, field) is None:
+        raise PTQStateError(f"{what} needs the per-layer {field} that calibration records since PTQ format "
+                            f"version {FORMAT_VERSION}; this state (version 1) lacks them: recalibrate with "
+                            f"this version")
+
+
+def candidate_mask(ls: LayerState, candidate: str, alpha: float) -> Tensor:
+    """The stored-precision mask a CANDIDATES statistic gives this layer at `alpha`."""
+    if candidate not in CANDIDATES:
+        raise PTQStateError(f"candidate must be one of {CANDIDATES}, got {candidate!r}")
+    _require(ls, "tails", f"statistic {candidate!r}")
+    if candidate == "max":
+        return _mask(ls.wmax, ls.absmax, alpha, "max")
+    return _mask(ls.wmax, ls.tails[CANDIDATES.index(candidate)], alpha, "tail")
+
+
+def sensitivity(ls: LayerState) -> float | None:
+    """How much W4A4 hurts this layer as calibrated: its relative output error on the
+    calibration sample (errors[0]); None for a version 1 state."""
+    return None if ls.errors is None else float(ls.errors[0])
+
+
+def adaptive_choice(ls: LayerState) -> str:
+    """The CANDIDATES statistic with the lowest measured output error (ties: the earlier one)."""
+    _require(ls, "errors", "the adaptive statistic")
+    errors = ls.errors[1:].tolist()
+    return CANDIDATES[errors.index(min(errors))]
+
+
+def missing_features(state: PTQState) -> list[str]:
+    """What a version 1 state cannot do, in words for nodes and the CLI; [] for version 2."""
+    if format_version(state) == FORMAT_VERSION:
+        return []
+    return ["per-layer sensitivity (keep_high_precision)", "adaptive statistic"]
+
+
+def format_version(state: PTQState) -> int:
+    """The version a state is written as: 2 when every layer has tails and errors, 1 when none has."""
+    layers = [ls for ex in state.experts.values() for ls in ex.layers.values()]
+    has = {(ls.tails is not None, ls.errors is not None) for ls in layers}
+    if has == {(True, True)}:
+        return FORMAT_VERSION
+    if has == {(False, False)}:
+        return 1
+    raise PTQStateError("every layer needs both tails and errors (format version 2) or neither (version 1)")
 
 
 def remask(state: PTQState, alpha: float | None = None, statistic: str | None = None) -> PTQState:
     """A new state whose masks are re-derived from the stored statistics and weight
-    absmax with another alpha and/or statistic: no recalibration needed."""
+    absmax with another alpha and/or statistic: no recalibration needed.
+
+    "adaptive" gives each layer the mask of its `adaptive_choice` at `alpha` (the
+    choice was measured at the calibrated alpha and rotation). The recorded errors
+    are kept: they describe the calibration, not the new masks.
+    """
     alpha = state.alpha if alpha is None else alpha
     statistic = state.statistic if statistic is None else statistic
-    if statistic not in STATISTICS:
-        raise PTQStateError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if statistic not in REMASK_STATISTICS:
+        raise PTQStateError(f"statistic must be one of {REMASK_STATISTICS}, got {statistic!r}")
+
+    def mask(ls: LayerState) -> Tensor:
+        if statistic == "adaptive":
+            return candidate_mask(ls, adaptive_choice(ls), alpha)
+        return _mask(ls.wmax, ls.tail if statistic == "tail" else ls.absmax, alpha, statistic)
+
     experts = {
-        name: ExpertState(
-            layers={ln: dataclasses.replace(ls, mask=_mask(ls.wmax, ls.absmax, ls.tail, alpha, statistic))
-                    for ln, ls in ex.layers.items()},
-            fingerprint=ex.fingerprint)
+        name: ExpertState(layers={ln: dataclasses.replace(ls, mask=mask(ls)) for ln, ls in ex.layers.items()},
+                          fingerprint=ex.fingerprint)
         for name, ex in state.experts.items()}
     return dataclasses.replace(state, experts=experts, alpha=float(alpha), statistic=statistic)
 
 
+def layer_nbytes(channels: int) -> int:
+    """Tensor bytes of one layer with `channels` inputs in a version 2 (FORMAT_VERSION) state."""
+    return sum(math.prod(_shape(f, channels)) * torch.empty(0, dtype=FIELD_DTYPES[f]).element_size()
+               for f in _fields(FORMAT_VERSION))
+
+
 def state_nbytes(state: PTQState) -> int:
     """Bytes of tensor data (the file adds a JSON header of a few tens of kB per expert)."""
+    fields = _fields(format_version(state))
     return sum(getattr(ls, f).numel() * getattr(ls, f).element_size()
-               for ex in state.experts.values() for ls in ex.layers.values() for f in TENSOR_FIELDS)
+               for ex in state.experts.values() for ls in ex.layers.values() for f in fields)
 
 
 # --------------------------------------------------------------------------- validation
@@ -171,9 +269,9 @@ def _check_metadata(meta) -> None:
         raise PTQStateError("bad metadata: not a JSON object")
     if meta.get("format") != FORMAT_NAME:
         raise PTQStateError(f"wrong format name {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("format_version") != FORMAT_VERSION or not _is_int(meta.get("format_version")):
+    if meta.get("format_version") not in READABLE_VERSIONS or not _is_int(meta.get("format_version")):
         raise PTQStateError(f"unsupported format version {meta.get('format_version')!r}, "
-                            f"this tool reads version {FORMAT_VERSION}")
+                            f"this tool reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     missing, unknown = set(_TYPES) - set(meta), set(meta) - set(_TYPES)
     if missing:
         raise PTQStateError(f"metadata fields missing: {few(missing)}")
@@ -187,8 +285,10 @@ def _check_metadata(meta) -> None:
         raise PTQStateError(f"alpha must be in [0, 1], got {meta['alpha']!r}")
     if not (_is_number(meta["percentile"]) and 0.0 < meta["percentile"] <= 100.0):
         raise PTQStateError(f"percentile must be in (0, 100], got {meta['percentile']!r}")
-    if meta["statistic"] not in STATISTICS:
-        raise PTQStateError(f"statistic must be one of {STATISTICS}, got {meta['statistic']!r}")
+    statistics = STATISTICS if meta["format_version"] == 1 else REMASK_STATISTICS  # "adaptive" needs version 2
+    if meta["statistic"] not in statistics:
+        raise PTQStateError(f"statistic must be one of {statistics} in format version {meta['format_version']}, "
+                            f"got {meta['statistic']!r}")
     _check_rotation(meta["rotation"])
     _check_experts(meta["experts"])
 
@@ -236,37 +336,60 @@ def _check_experts(experts: list) -> None:
         raise PTQStateError(f"duplicate expert names in {names}")
 
 
+def _fields(version: int) -> tuple[str, ...]:
+    return TENSOR_FIELDS + (V2_FIELDS if version >= 2 else ())
+
+
+def _shape(f: str, channels: int) -> tuple[int, ...]:
+    return {"tails": (len(ADAPTIVE_PERCENTILES), channels), "errors": (len(ERROR_KEYS),)}.get(f, (channels,))
+
+
 def _check_tensors(tensors: Mapping[str, Tensor], meta: dict) -> None:
     experts = {ex["name"]: ex for ex in meta["experts"]}
     strangers = {k.split("/", 1)[0] for k in tensors} - set(experts)
     if strangers:
         raise PTQStateError(f"tensors for experts not named in metadata: {few(strangers)} "
                             f"(metadata names {sorted(experts)})")
-    expected = {f"{e}/{ln}/{f}" for e, ex in experts.items() for ln in ex["layers"] for f in TENSOR_FIELDS}
+    fields = _fields(meta["format_version"])
+    expected = {f"{e}/{ln}/{f}" for e, ex in experts.items() for ln in ex["layers"] for f in fields}
     if expected - set(tensors):
         raise PTQStateError(f"missing tensors: {few(expected - set(tensors))}")
     if set(tensors) - expected:
-        raise PTQStateError(f"unexpected tensors: {few(set(tensors) - expected)}")
+        raise PTQStateError(f"unexpected tensors: {few(set(tensors) - expected)} "
+                            f"(format version {meta['format_version']})")
     for e, ex in experts.items():
         for ln in ex["layers"]:
             channels = ex["fingerprint"]["layers"][ln][1]
-            for f in TENSOR_FIELDS:
-                key = f"{e}/{ln}/{f}"
-                t = tensors[key]
-                if t.dtype != FIELD_DTYPES[f]:
-                    raise PTQStateError(f"tensor {key!r} has dtype {t.dtype}, expected {FIELD_DTYPES[f]}")
-                if tuple(t.shape) != (channels,):
-                    raise PTQStateError(f"tensor {key!r} has shape {tuple(t.shape)}, expected ({channels},) "
-                                        f"= in_features of {ln} in the fingerprint")
-                if not torch.isfinite(t).all():
-                    raise PTQStateError(f"tensor {key!r} has NaN/Inf values")
-                if f == "mask" and not (t > 0).all():
-                    raise PTQStateError(f"tensor {key!r} has non-positive mask values")
-                if f != "mask" and (t < 0).any():
-                    raise PTQStateError(f"tensor {key!r} has negative statistics")
-            absmax, tail = tensors[f"{e}/{ln}/absmax"], tensors[f"{e}/{ln}/tail"]
-            if (tail > absmax * (1 + _TAIL_SLACK)).any():
-                raise PTQStateError(f"layer {e}/{ln}: tail statistic exceeds absmax")
+            for f in fields:
+                _check_tensor(f"{e}/{ln}/{f}", tensors[f"{e}/{ln}/{f}"], f, _shape(f, channels), ln)
+            _check_order(tensors, f"{e}/{ln}", meta["format_version"])
+
+
+def _check_tensor(key: str, t: Tensor, f: str, shape: tuple[int, ...], layer: str) -> None:
+    if t.dtype != FIELD_DTYPES[f]:
+        raise PTQStateError(f"tensor {key!r} has dtype {t.dtype}, expected {FIELD_DTYPES[f]}")
+    if tuple(t.shape) != shape:
+        raise PTQStateError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {shape} "
+                            f"(from the in_features of {layer} in the fingerprint)")
+    if not torch.isfinite(t).all():
+        raise PTQStateError(f"tensor {key!r} has NaN/Inf values")
+    if f == "mask" and not (t > 0).all():
+        raise PTQStateError(f"tensor {key!r} has non-positive mask values")
+    if f != "mask" and (t < 0).any():
+        raise PTQStateError(f"tensor {key!r} has negative {'errors' if f == 'errors' else 'statistics'}")
+
+
+def _check_order(tensors: Mapping[str, Tensor], prefix: str, version: int) -> None:
+    """tail <= absmax, and p99 <= p99.9 <= p99.99 <= absmax (version 2), up to _TAIL_SLACK."""
+    absmax = tensors[f"{prefix}/absmax"].float()
+    chain = [tensors[f"{prefix}/tail"].float(), absmax]
+    if (chain[0] > chain[1] * (1 + _TAIL_SLACK)).any():
+        raise PTQStateError(f"layer {prefix}: tail statistic exceeds absmax")
+    if version < 2:
+        return
+    ordered = list(tensors[f"{prefix}/tails"].float()) + [absmax]
+    if any((lo > hi * (1 + _TAIL_SLACK)).any() for lo, hi in zip(ordered, ordered[1:])):
+        raise PTQStateError(f"layer {prefix}: tails are not ordered p99 <= p99.9 <= p99.99 <= absmax")
 
 
 def compute_checksum(tensors: Mapping[str, Tensor], meta: Mapping) -> str:
@@ -294,15 +417,16 @@ def _validate(tensors: Mapping[str, Tensor], meta) -> None:
 def encode_state(state: PTQState) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of a state, validated exactly as load_state would."""
     tensors = {}
+    version = format_version(state)
     for e, ex in state.experts.items():
         for ln, ls in ex.layers.items():
-            for f in TENSOR_FIELDS:
+            for f in _fields(version):
                 t = getattr(ls, f)
                 if not isinstance(t, Tensor):
                     raise PTQStateError(f"{e}/{ln}/{f} is not a tensor")
                 tensors[f"{e}/{ln}/{f}"] = t.detach().to("cpu").contiguous()
     meta = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hif4_spec": state.hif4_spec,
+        "format": FORMAT_NAME, "format_version": version, "hif4_spec": state.hif4_spec,
         "method": state.method, "alpha": state.alpha, "percentile": state.percentile,
         "statistic": state.statistic, "rotation": state.rotation, "model_family": state.model_family,
         "model_variant": state.model_variant,
@@ -330,9 +454,10 @@ def decode_state(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | No
         raise PTQStateError("bad metadata JSON: not a string")
     meta = loads_json(metadata[METADATA_KEY], PTQStateError, "bad metadata JSON")
     _validate(tensors, meta)
+    fields = _fields(meta["format_version"])
     experts = {
         ex["name"]: ExpertState(
-            layers={ln: LayerState(*(tensors[f"{ex['name']}/{ln}/{f}"] for f in TENSOR_FIELDS))
+            layers={ln: LayerState(**{f: tensors[f"{ex['name']}/{ln}/{f}"] for f in fields})
                     for ln in ex["layers"]},
             fingerprint=ex["fingerprint"])
         for ex in meta["experts"]}
@@ -373,10 +498,10 @@ def load_state(path: str | os.PathLike) -> PTQState:
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise PTQStateError(f"not a HiFloat4 PTQ state: metadata key {METADATA_KEY!r} missing "
                             f"(wrong format name)")
-    stored = {"F16", "BF16"}  # FIELD_DTYPES as safetensors names; the per-field check comes after loading
+    stored = {"F16", "BF16", "F32"}  # FIELD_DTYPES as safetensors names; the per-field check comes after loading
     bad = [k for k, v in header.items() if k != "__metadata__" and not (isinstance(v, dict) and v.get("dtype") in stored)]
     if bad:
-        raise PTQStateError(f"tensors with wrong dtype (must be F16 or BF16): {few(bad)}")
+        raise PTQStateError(f"tensors with wrong dtype (must be F16, BF16 or F32): {few(bad)}")
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for malformed files
@@ -400,19 +525,3 @@ def validate_against_model(state: PTQState, expert: str,
         if in_features != ls.channels:
             raise PTQStateError(f"layer {name!r} of expert {expert!r}: model has {in_features} input "
                                 f"channels, state has {ls.channels}")
-
-
-# --- placeholders until the calibration-side change lands (replaced by its implementation)
-REMASK_STATISTICS = STATISTICS + ("adaptive",)
-
-
-def sensitivity(ls: LayerState) -> float | None:
-    return None
-
-
-def adaptive_choice(ls: LayerState) -> str:
-    raise PTQStateError("adaptive needs a format-2 state")
-
-
-def missing_features(state: PTQState) -> list[str]:
-    return []

@@ -1,4 +1,7 @@
-"""Per-input-channel activation statistics of a Linear: running absmax and a tail percentile.
+"""Per-input-channel activation statistics of a Linear: running absmax, a tail percentile,
+and the ADAPTIVE_PERCENTILES tails (p99, p99.9, p99.99) a per-layer "adaptive" statistic
+chooses among. All percentiles of a call come out of one top-k selection (k for the
+lowest of them), so each is exact in the sense below.
 
 The tail statistic is the q-th percentile (default 99.9) of |x[:, c]| over the tokens
 of one forward call (tokens = all leading dims flattened), with numpy's default
@@ -46,6 +49,9 @@ from torch import Tensor
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 25}
 _NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MIN_BLOCK, _MAX_BLOCK = 4, 256
+# The tails an "adaptive" statistic chooses among per layer (with the max); recorded
+# by every ChannelStats. hifloat4.state re-exports it with the names of the choices.
+ADAPTIVE_PERCENTILES: tuple[float, ...] = (99.0, 99.9, 99.99)
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
@@ -112,7 +118,7 @@ def _block_size(n: int, k: int) -> int:
 @dataclass
 class _Chunk:
     absmax: Tensor  # (w,) fp32
-    tail: Tensor | None  # (w,) fp32, None when only absmax was asked for
+    tails: Tensor | None  # (len(qs), w) fp32, one row per percentile; None when only absmax was asked for
     nonfinite: Tensor  # (w,) bool: any NaN/Inf in this call
 
 
@@ -154,32 +160,41 @@ def _top_values(buf: Tensor, n: int, k: int, s: int) -> tuple[Tensor, Tensor]:
     return candidates.topk(k, dim=0).values, bad
 
 
-def _chunk_stats(xs: Tensor, q: float | None) -> _Chunk:
-    """Statistics of one (n, w) channel chunk with n >= 1."""
+def _from_top(r: _Ranks, n: int) -> bool:
+    """Whether the percentile at ranks r is cheaper to select from the top than the bottom."""
+    return n - r.lo <= r.hi + 1
+
+
+def _chunk_stats(xs: Tensor, qs: tuple[float, ...]) -> _Chunk:
+    """Statistics of one (n, w) channel chunk with n >= 1: absmax and the percentiles qs.
+
+    All high percentiles come out of ONE top-k selection (k for the lowest of them:
+    the higher order statistics are among the same sorted top values); low ones
+    (rare) out of one bottom-k selection.
+    """
     n, w = xs.shape
-    if q is None:
-        buf = _abs_chunk(xs, n)
-        bad = ~torch.isfinite(buf.amax(dim=0))
-        buf.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        return _Chunk(buf.amax(dim=0).float(), None, bad)
-    r = _Ranks.of(n, q)
-    wide = wide_dtype(xs.device)
-    k_top, k_bottom = n - r.lo, r.hi + 1
-    if k_top <= k_bottom:  # high percentile: select from the top
+    ranks = [_Ranks.of(n, q) for q in qs]
+    k_top = max((n - r.lo for r in ranks if _from_top(r, n)), default=0)
+    if k_top:
         s = _block_size(n, k_top)
         buf = _abs_chunk(xs, -(-n // s) * s if s else n)
         top, bad = _top_values(buf, n, k_top, s)  # descending: top[j] = ascending n-1-j
-        a, b = top[k_top - 1], top[n - 1 - r.hi]
         absmax = top[0]
-    else:  # low percentile (rare): select from the bottom
+    else:
         buf = _abs_chunk(xs, n)
         bad = ~torch.isfinite(buf.amax(dim=0))
         buf.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        bottom = buf.topk(k_bottom, dim=0, largest=False).values  # ascending
-        a, b = bottom[r.lo], bottom[r.hi]
         absmax = buf.amax(dim=0)
-    tail = _lerp_numpy(a, b, r.t, wide).float()
-    return _Chunk(absmax.float(), tail, bad)
+    if not qs:
+        return _Chunk(absmax.float(), None, bad)
+    k_bottom = max((r.hi + 1 for r in ranks if not _from_top(r, n)), default=0)
+    bottom = buf[:n].topk(k_bottom, dim=0, largest=False).values if k_bottom else None  # ascending
+    wide = wide_dtype(xs.device)
+    rows = []
+    for r in ranks:
+        a, b = (top[n - 1 - r.lo], top[n - 1 - r.hi]) if _from_top(r, n) else (bottom[r.lo], bottom[r.hi])
+        rows.append(_lerp_numpy(a, b, r.t, wide).float())
+    return _Chunk(absmax.float(), torch.stack(rows), bad)
 
 
 def _auto_chunk(n: int, device: torch.device) -> int:
@@ -187,7 +202,7 @@ def _auto_chunk(n: int, device: torch.device) -> int:
     return max(1, budget // max(n, 1))
 
 
-def _scan(x: Tensor, q: float | None, channel_chunk: int | None):
+def _scan(x: Tensor, qs: tuple[float, ...], channel_chunk: int | None):
     """Yield (c0, c1, _Chunk) over channel chunks of x[..., C] (n >= 1 tokens)."""
     n, c = _as_tokens(x)
     step = channel_chunk or _auto_chunk(n, x.device)
@@ -195,22 +210,23 @@ def _scan(x: Tensor, q: float | None, channel_chunk: int | None):
         raise ValueError(f"channel_chunk must be >= 1, got {channel_chunk}")
     for c0 in range(0, c, step):
         c1 = min(c, c0 + step)
-        yield c0, c1, _chunk_stats(x[..., c0:c1].reshape(n, c1 - c0), q)
+        yield c0, c1, _chunk_stats(x[..., c0:c1].reshape(n, c1 - c0), qs)
 
 
-def _gather(x: Tensor, q: float | None, channel_chunk: int | None, field: str) -> Tensor:
+def _gather(x: Tensor, qs: tuple[float, ...], channel_chunk: int | None) -> Tensor:
+    """The percentiles qs of |x| per channel as (len(qs), C) fp32, or absmax as (C,) when qs is empty."""
     n, c = _as_tokens(x)
     if n == 0:
         raise ValueError(f"x has no tokens (shape {tuple(x.shape)}): statistics are undefined")
-    out = torch.empty(c, dtype=torch.float32, device=x.device)
-    for c0, c1, chunk in _scan(x, q, channel_chunk):
-        out[c0:c1] = getattr(chunk, field)
+    out = torch.empty((len(qs), c) if qs else (c,), dtype=torch.float32, device=x.device)
+    for c0, c1, chunk in _scan(x, qs, channel_chunk):
+        out[..., c0:c1] = chunk.tails if qs else chunk.absmax
     return out
 
 
 def channel_absmax(x: Tensor, channel_chunk: int | None = None) -> Tensor:
     """max over tokens of |x[..., c]| as (C,) fp32 (non-finite values count as 0)."""
-    return _gather(x, None, channel_chunk, "absmax")
+    return _gather(x, (), channel_chunk)
 
 
 def channel_percentile(x: Tensor, q: float, channel_chunk: int | None = None) -> Tensor:
@@ -219,17 +235,27 @@ def channel_percentile(x: Tensor, q: float, channel_chunk: int | None = None) ->
     Equals numpy.percentile(abs(x as float64), q, axis=0).astype(float32) after
     flattening leading dims, with non-finite values counted as 0.
     """
-    return _gather(x, _check_percentile(q), channel_chunk, "tail")
+    return _gather(x, (_check_percentile(q),), channel_chunk)[0]
+
+
+def channel_percentiles(x: Tensor, qs: tuple[float, ...], channel_chunk: int | None = None) -> Tensor:
+    """channel_percentile for several q at once, (len(qs), C) fp32, from one selection."""
+    if not qs:
+        raise ValueError("qs must name at least one percentile")
+    return _gather(x, tuple(_check_percentile(q) for q in qs), channel_chunk)
 
 
 class ChannelStats:
-    """Running statistics of one Linear's input: absmax and tail, each max over calls.
+    """Running statistics of one Linear's input: absmax, tail and the
+    ADAPTIVE_PERCENTILES tails, each max over calls.
 
     `update` queues device work only (no host sync); the accumulators live on the
     device of the inputs (they move there if an input arrives elsewhere). Read
-    `absmax`, `tail` (fp32, (channels,)), `nonfinite` (int64: calls per channel that
-    contained NaN/Inf), `calls` and `tokens` (host ints; calls without tokens are
-    not counted).
+    `absmax`, `tail` (fp32, (channels,)), `tails` (fp32, (3, channels): |x| at
+    ADAPTIVE_PERCENTILES, the statistics a per-layer "adaptive" choice picks from),
+    `nonfinite` (int64: calls per channel that contained NaN/Inf), `calls` and
+    `tokens` (host ints; calls without tokens are not counted). One selection per
+    channel chunk serves the tail and the three tails together.
     """
 
     def __init__(
@@ -249,6 +275,7 @@ class ChannelStats:
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.absmax = torch.zeros(channels, dtype=torch.float32, device=device)
         self.tail = torch.zeros(channels, dtype=torch.float32, device=device)
+        self.tails = torch.zeros((len(ADAPTIVE_PERCENTILES), channels), dtype=torch.float32, device=device)
         self.nonfinite = torch.zeros(channels, dtype=torch.int64, device=device)
         self.calls = 0
         self.tokens = 0
@@ -261,6 +288,7 @@ class ChannelStats:
         """Move the accumulators (in place) and return self."""
         self.absmax = self.absmax.to(device)
         self.tail = self.tail.to(device)
+        self.tails = self.tails.to(device)
         self.nonfinite = self.nonfinite.to(device)
         return self
 
@@ -272,9 +300,10 @@ class ChannelStats:
             return
         if x.device != self.device:
             self.to(x.device)
-        for c0, c1, chunk in _scan(x, self.percentile, self.channel_chunk):
+        for c0, c1, chunk in _scan(x, (self.percentile,) + ADAPTIVE_PERCENTILES, self.channel_chunk):
             torch.maximum(self.absmax[c0:c1], chunk.absmax, out=self.absmax[c0:c1])
-            torch.maximum(self.tail[c0:c1], chunk.tail, out=self.tail[c0:c1])
+            torch.maximum(self.tail[c0:c1], chunk.tails[0], out=self.tail[c0:c1])
+            torch.maximum(self.tails[:, c0:c1], chunk.tails[1:], out=self.tails[:, c0:c1])
             self.nonfinite[c0:c1] += chunk.nonfinite
         self.calls += 1
         self.tokens += n
@@ -284,6 +313,7 @@ class ChannelStats:
         self._check_compatible(other.channels, other.percentile)
         self.absmax = torch.maximum(self.absmax, other.absmax.to(self.device))
         self.tail = torch.maximum(self.tail, other.tail.to(self.device))
+        self.tails = torch.maximum(self.tails, other.tails.to(self.device))
         self.nonfinite = self.nonfinite + other.nonfinite.to(self.device)
         self.calls += other.calls
         self.tokens += other.tokens
@@ -293,6 +323,7 @@ class ChannelStats:
         return {
             "absmax": self.absmax.clone(),
             "tail": self.tail.clone(),
+            "tails": self.tails.clone(),
             "nonfinite": self.nonfinite.clone(),
             "calls": torch.tensor(self.calls, dtype=torch.int64),
             "tokens": torch.tensor(self.tokens, dtype=torch.int64),
@@ -301,16 +332,16 @@ class ChannelStats:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Replace the statistics with a saved state of the same layer and percentile."""
-        missing = {"absmax", "tail", "nonfinite", "calls", "tokens", "percentile"} - state.keys()
+        missing = {"absmax", "tail", "tails", "nonfinite", "calls", "tokens", "percentile"} - state.keys()
         if missing:
             raise ValueError(f"ChannelStats state lacks {sorted(missing)}")
         self._check_compatible(state["absmax"].numel(), float(state["percentile"]))
-        for key in ("absmax", "tail", "nonfinite"):
-            if state[key].shape != (self.channels,):
-                shape = tuple(state[key].shape)
-                raise ValueError(f"ChannelStats state: {key} has shape {shape}, expected ({self.channels},)")
+        for key, shape in self._shapes().items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"ChannelStats state: {key} has shape {tuple(state[key].shape)}, expected {shape}")
         self.absmax = state["absmax"].to(self.device, torch.float32).clone()
         self.tail = state["tail"].to(self.device, torch.float32).clone()
+        self.tails = state["tails"].to(self.device, torch.float32).clone()
         self.nonfinite = state["nonfinite"].to(self.device, torch.int64).clone()
         self.calls = int(state["calls"])
         self.tokens = int(state["tokens"])
@@ -322,6 +353,10 @@ class ChannelStats:
         stats = cls(int(state["absmax"].numel()), float(state["percentile"]), device=device)
         stats.load_state_dict(state)
         return stats
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.channels
+        return {"absmax": (c,), "tail": (c,), "tails": (len(ADAPTIVE_PERCENTILES), c), "nonfinite": (c,)}
 
     def _check_compatible(self, channels: int, percentile: float) -> None:
         if channels != self.channels:

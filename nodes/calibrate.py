@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from hifloat4 import smoothing as hsmoothing
+from hifloat4 import calibrate as hcalibrate
+from hifloat4 import rotation as hrotation
 from hifloat4 import safefile
 from hifloat4 import sampling as hsampling
 from hifloat4 import state as hstate
@@ -16,6 +17,7 @@ from . import comfy_adapter as adapter
 from . import policy
 
 CATEGORY = "hifloat4"
+ROTATIONS = ("off", "hadamard")
 
 
 class HiF4CalibrateWan22:
@@ -62,6 +64,14 @@ class HiF4CalibrateWan22:
                 "extra_prompts": ("STRING", {"default": "", "multiline": True,
                                              "tooltip": "More calibration prompts, one per line, each sampled "
                                                         "in turn with the same negative."}),
+                "rotation": (list(ROTATIONS), {"default": "off",
+                                               "tooltip": "Calibrate for the block Hadamard rotation after the "
+                                                          "mask (beyond the paper); the state records it and "
+                                                          "Apply uses it as calibrated."}),
+                "rotation_block": ("INT", {"default": 512, "min": 1, "max": hstate.MAX_ROTATION_BLOCK,
+                                           "tooltip": "Hadamard block size when rotation is hadamard (the "
+                                                      "largest power of two dividing each layer's inputs, up "
+                                                      "to this, is used)."}),
             },
         }
 
@@ -75,7 +85,7 @@ class HiF4CalibrateWan22:
 
     def calibrate(self, model_high_noise, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                   scheduler, switch_step, percentile, alpha, filename_prefix, model_low_noise=None, clip=None,
-                  extra_prompts=""):
+                  extra_prompts="", rotation="off", rotation_block=512):
         high, low = model_high_noise, model_low_noise
         policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
         for m in (high, low):
@@ -88,6 +98,8 @@ class HiF4CalibrateWan22:
             if hwan.linear_shapes(adapter.wan_root(low)) != hwan.linear_shapes(adapter.wan_root(high)):
                 raise ValueError(f"the two experts differ: high-noise is {variant.describe()}, "
                                  f"low-noise is {low_variant.describe()}")
+        config = hcalibrate.CalibConfig(percentile=float(percentile), alpha=float(alpha),
+                                        rotation=self._rotation(rotation, rotation_block))
         texts = policy.split_prompts(extra_prompts)
         if texts and clip is None:
             raise ValueError("extra_prompts needs the clip input to encode them")
@@ -108,20 +120,17 @@ class HiF4CalibrateWan22:
 
         progress = adapter.Progress(len(conds) * steps)
         with contextlib.ExitStack() as stack:
-            sessions = {name: stack.enter_context(adapter.CalibrationSession(m, percentile))
+            sessions = {name: stack.enter_context(adapter.CalibrationSession(m, config))
                         for name, m in experts.items()}
             for i, cond in enumerate(conds):
                 adapter.check_interrupt()
                 self._sample_prompt(sessions, cond, negative, latent_image, policy.prompt_seed(seed, i), steps,
                                     cfg, sampler_name, scheduler, switch, progress)
-            stats = {name: s.statistics() for name, s in sessions.items()}
+            observed = {name: s.observation() for name, s in sessions.items()}
             settings["calls"] = {name: s.calls() for name, s in sessions.items()}
             settings["sigma_range"] = {name: s.sigma_range() for name, s in sessions.items()}
 
-        state = hstate.PTQState(
-            experts={name: self._expert_state(experts[name], stats[name], alpha) for name in experts},
-            alpha=float(alpha), percentile=float(percentile), statistic="tail", rotation=None,
-            model_family=variant.family, model_variant=variant.variant, calibration=settings)
+        state = hcalibrate.build_state(observed, config, calibration=settings)
         name, subfolder = self._save(state, filename_prefix)
         written = adapter.tell(f"saved PTQ state {os.path.join(adapter.STATES, subfolder, name)} ({', '.join(experts)}; "
                        f"{len(conds)} prompt(s) x {steps} steps); press R so Load PTQ State lists it")
@@ -148,13 +157,12 @@ class HiF4CalibrateWan22:
         progress.advance(steps - switch)
 
     @staticmethod
-    def _expert_state(model, stats, alpha) -> hstate.ExpertState:
-        modules = adapter.linear_modules(model, list(stats))
-        layers = {}
-        for name, st in stats.items():
-            wmax = hsmoothing.weight_absmax(adapter.effective_weight(model, name, modules[name]))
-            layers[name] = hstate.make_layer_state(wmax, st.absmax, st.tail, alpha=float(alpha), statistic="tail")
-        return hstate.ExpertState(layers=layers, fingerprint=adapter.model_fingerprint(model))
+    def _rotation(choice: str, block: int) -> hrotation.Rotation | None:
+        """The model-wide rotation: off, or the largest power of two <= block (each layer
+        then gets rotation.for_layer of it, as Apply does)."""
+        if choice not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {choice!r}")
+        return None if choice == "off" else hrotation.Rotation(block=hrotation.fit_block(1 << 30, block))
 
     @staticmethod
     def _save(state, filename_prefix) -> tuple[str, str]:

@@ -46,16 +46,15 @@ import comfy.utils
 import folder_paths
 from comfy.weight_adapter import WeightAdapterBase
 
+from hifloat4 import calibrate as hcalibrate
 from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexport
 from hifloat4 import linear as hlinear
 from hifloat4 import packed_linear as hpacked
 from hifloat4 import plan as hplan
-from hifloat4 import stats as hstats
 from hifloat4 import wan as hwan
 from hifloat4.packing import PackedHiF4
 
-from . import policy
 
 log = logging.getLogger("hifloat4")
 
@@ -691,22 +690,23 @@ def export_packed(model, config: hplan.W4A4Config, path: str) -> hexport.ExportR
 # --------------------------------------------------------------------------- calibration
 
 class _Observer(_LayerCall):
-    """`<layer>.forward` during calibration: folds the input into per-channel
-    statistics (one update per forward call, cond and uncond batched as the sampler
-    batched them), then runs the layer unchanged."""
+    """`<layer>.forward` during calibration: folds the input into the layer's
+    hifloat4.calibrate.LayerObservation (statistics and token sample; one update per
+    forward call, cond and uncond batched as the sampler batched them), then runs the
+    layer unchanged."""
 
     def __init__(self, module: nn.Module, session: "CalibrationSession"):
         super().__init__(module)
         self.session = session
-        self.stats = None
+        self.observation = None
 
     def __call__(self, x, *args, **kwargs):
         s = self.session
         if s.active:
-            if self.stats is None:
-                self.stats = hstats.ChannelStats(x.shape[-1], percentile=s.percentile, device=x.device)
+            if self.observation is None:
+                self.observation = hcalibrate.LayerObservation(x.shape[-1], s.config, device=x.device)
             with torch.no_grad():
-                self.stats.update(x.detach())
+                self.observation.update(x)
         return self.run_original(x, *args, **kwargs)
 
 
@@ -714,8 +714,9 @@ class CalibrationSession:
     """A throwaway clone of one expert with observers on its main layers. Use as a
     context manager: observers are switched off and removed on exit, error or not."""
 
-    def __init__(self, model, percentile: float):
-        self.percentile = float(percentile)
+    def __init__(self, model, config: hcalibrate.CalibConfig):
+        self.model = model
+        self.config = config
         self.active = True
         self.sigmas: list[Tensor] = []
         self.chunk_counts: dict[int, int] = {}
@@ -750,12 +751,18 @@ class CalibrationSession:
         s = torch.cat(self.sigmas).float().cpu()
         return [float(s.min()), float(s.max())]
 
-    def statistics(self) -> dict[str, object]:
-        missing = [n for n, o in self.observers.items() if o.stats is None]
+    def observation(self) -> hcalibrate.ExpertObservation:
+        """What hifloat4.calibrate.build_state needs: the observations, the real-valued
+        weights (LoRA merged, fp8 dequantized) and the unpatched model's fingerprint."""
+        missing = [n for n, o in self.observers.items() if o.observation is None]
         if missing:
             raise RuntimeError(f"calibration saw no input for {len(missing)} layers (e.g. {missing[0]}); "
                                "did this expert run at least one step?")
-        return {n: o.stats for n, o in self.observers.items()}
+        modules = linear_modules(self.model, self.names)
+        return hcalibrate.ExpertObservation(
+            model=wan_root(self.model), layers={n: o.observation for n, o in self.observers.items()},
+            weight=lambda name: effective_weight(self.model, name, modules[name]),
+            fingerprint=model_fingerprint(self.model))
 
     def close(self) -> None:
         self.active = False

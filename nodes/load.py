@@ -35,10 +35,11 @@ class HiF4LoadPTQState:
             raise FileNotFoundError(problem)
         state = hstate.load_state(self._path(state_name))
         missing = hstate.missing_features(state)
-        if missing:  # still usable: only the choices that need the missing data refuse it
-            note = (f"{state_name} was made by an older version and lacks {' and '.join(missing)}; it works as "
-                    "calibrated, recalibrate it to use those")
-            return {"ui": adapter.tell(note, logging.WARNING), "result": (state,)}
+        if missing:  # an older file still works; say what it cannot do
+            return {"ui": adapter.tell(f"{state_name} is a version {hstate.format_version(state)} PTQ state without "
+                                       f"{' or '.join(missing)}; recalibrate with this version to get them",
+                                       logging.WARNING),
+                    "result": (state,)}
         return (state,)
 
     @staticmethod

@@ -8,15 +8,16 @@ import torch
 from torch import nn
 
 from hifloat4 import wan
-from hifloat4.calibrate import CalibConfig, build_state, calibrate, observe
+from hifloat4.calibrate import CalibConfig, ExpertObservation, build_state, calibrate, observe
 from hifloat4.experts import HIGH, LOW
 from hifloat4.sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from hifloat4.linear import HiF4Linear
-from hifloat4.plan import W4A4Config
+from hifloat4.plan import W4A4Config, make_plan
 from hifloat4.quantize import quantize_
 from hifloat4.rotation import Rotation
 from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
-from hifloat4.state import load_state, remask, save_state
+from hifloat4.sensitivity import relative_error
+from hifloat4.state import ERROR_KEYS, load_state, remask, save_state
 from hifloat4.stats import ChannelStats
 from hifloat4.tiny_wan import example_inputs, make_tiny_wan
 
@@ -58,7 +59,7 @@ def _observed_forward(model, timesteps=(500.0, 900.0)):
 
 @pytest.fixture(scope="module")
 def state(experts):
-    return build_state({name: (m, _observed_forward(m)) for name, m in experts.items()}, CalibConfig(),
+    return build_state({name: ExpertObservation(m, _observed_forward(m)) for name, m in experts.items()}, CalibConfig(),
                        calibration={"prompts": 1, "steps": 2, "seed": 0})
 
 
@@ -76,13 +77,24 @@ def test_observe_collects_the_same_statistics_as_channel_stats_fed_directly():
         for x in xs:
             expected["0"].update(x)
             expected["2"].update(model[1](model[0](x)))
-    with observe(model, ["0", "2"], percentile=99.0) as stats, torch.no_grad():
+    with observe(model, ["0", "2"], CalibConfig(percentile=99.0)) as observed, torch.no_grad():
         for x in xs:
             model(x)
     for name, exp in expected.items():
-        assert torch.equal(stats[name].absmax, exp.absmax)
-        assert torch.equal(stats[name].tail, exp.tail)
-        assert (stats[name].calls, stats[name].tokens) == (exp.calls, exp.tokens)
+        got = observed[name].stats
+        assert torch.equal(got.absmax, exp.absmax) and torch.equal(got.tail, exp.tail)
+        assert torch.equal(got.tails, exp.tails)
+        assert (got.calls, got.tokens) == (exp.calls, exp.tokens)
+
+
+def test_observe_feeds_each_layer_token_sample_once_per_call():
+    model, xs = _mlp(), [torch.randn(4, 10, 6), torch.randn(2, 8, 6)]
+    with observe(model, ["0"], CalibConfig(sample_tokens=32)) as observed, torch.no_grad():
+        for x in xs:
+            model(x)
+    sample = observed["0"].sample  # 2 slots of 16: calls of 40 and 16 tokens, every 2nd and every one
+    assert sample.calls == 2
+    assert torch.equal(sample.tokens(), torch.cat([xs[0].reshape(-1, 6)[1:33:2], xs[1].reshape(-1, 6)]))
 
 
 def test_observe_defaults_to_the_wan_main_layers():
@@ -117,17 +129,19 @@ def test_observe_refuses_names_that_are_not_linear_layers():
 def test_build_state_stores_the_observed_statistics_and_weight_absmax_at_storage_precision(experts):
     model = experts[HIGH]
     stats = _observed_forward(model)
-    layer = build_state({HIGH: (model, stats)}, CalibConfig()).experts[HIGH].layers["blocks.1.ffn.2"]
-    observed = stats["blocks.1.ffn.2"]
+    layer = build_state({HIGH: ExpertObservation(model, stats)}, CalibConfig()).experts[HIGH].layers["blocks.1.ffn.2"]
+    observed = stats["blocks.1.ffn.2"].stats
     assert torch.equal(layer.absmax, observed.absmax.to(layer.absmax.dtype))
     assert torch.equal(layer.tail, observed.tail.to(layer.tail.dtype))
+    assert torch.equal(layer.tails, observed.tails.to(layer.tails.dtype))
     assert torch.equal(layer.wmax, weight_absmax(model.blocks[1].ffn[2].weight).to(layer.wmax.dtype))
 
 
 def test_build_state_masks_follow_the_configured_statistic_and_alpha(experts):
     model = experts[HIGH]
     config = CalibConfig(alpha=0.3, statistic="max")
-    layer = build_state({HIGH: (model, _observed_forward(model))}, config).experts[HIGH].layers["blocks.1.ffn.2"]
+    layer = build_state({HIGH: ExpertObservation(model, _observed_forward(model))}, config).experts[HIGH].layers[
+        "blocks.1.ffn.2"]
     want = channel_mask(layer.wmax.float(), layer.absmax.float(), MaskConfig(alpha=0.3, statistic="max"))
     assert torch.equal(layer.mask, want.to(layer.mask.dtype))
 
@@ -152,12 +166,14 @@ def test_build_state_round_trips_through_save_and_load_exactly(state, tmp_path):
         assert list(loaded.experts[name].layers) == list(ex.layers)
         for ln, ls in ex.layers.items():
             got = loaded.experts[name].layers[ln]
-            assert all(torch.equal(getattr(got, f), getattr(ls, f)) for f in ("mask", "absmax", "tail", "wmax"))
+            assert all(torch.equal(getattr(got, f), getattr(ls, f))
+                       for f in ("mask", "absmax", "tail", "wmax", "tails", "errors"))
 
 
 def test_build_state_stores_the_rotation(experts):
     model = experts[HIGH]
-    state = build_state({HIGH: (model, _observed_forward(model))}, CalibConfig(rotation=Rotation(block=64, seed=3)))
+    state = build_state({HIGH: ExpertObservation(model, _observed_forward(model))},
+                        CalibConfig(rotation=Rotation(block=64, seed=3)))
     assert state.rotation == {"block": 64, "seed": 3}
 
 
@@ -166,7 +182,52 @@ def test_build_state_refuses_an_expert_that_was_never_called(experts):
     with observe(model) as stats:
         pass
     with pytest.raises(ValueError, match="never saw an input"):
-        build_state({LOW: (model, stats)}, CalibConfig())
+        build_state({LOW: ExpertObservation(model, stats)}, CalibConfig())
+
+
+def test_build_state_records_tails_and_errors_for_every_layer(state):
+    layers = [ls for ex in state.experts.values() for ls in ex.layers.values()]
+    assert all(ls.tails.shape == (3, ls.channels) and ls.errors.shape == (len(ERROR_KEYS),) for ls in layers)
+    assert all(0.0 < float(ls.errors.min()) and float(ls.errors.max()) < 1.0 for ls in layers)
+
+
+@pytest.mark.parametrize("rotation", [None, Rotation(block=64, seed=3)])
+def test_the_recorded_sensitivity_is_the_error_of_the_stored_mask_on_the_sample(experts, rotation):
+    model = experts[HIGH]
+    observed = _observed_forward(model)
+    state = build_state({HIGH: ExpertObservation(model, observed)}, CalibConfig(rotation=rotation))
+    layer = state.experts[HIGH].layers["blocks.1.ffn.0"]
+    quant = make_plan(W4A4Config(state, expert=HIGH), wan.fingerprint(model)).layers["blocks.1.ffn.0"]
+    want = relative_error(observed["blocks.1.ffn.0"].sample.tokens(), model.blocks[1].ffn[0].weight.detach(), quant)
+    assert float(layer.errors[0]) == float(want)
+
+
+def test_build_state_takes_weights_and_fingerprint_from_the_caller(experts):
+    model = experts[HIGH]
+    linears = dict(model.named_modules())
+    doubled = lambda name: 2 * linears[name].weight.detach()  # noqa: E731
+    fingerprint = {**wan.fingerprint(model), "content_hash": "0" * 64}
+    plain = build_state({HIGH: ExpertObservation(model, _observed_forward(model))}, CalibConfig())
+    given = build_state({HIGH: ExpertObservation(model, _observed_forward(model), doubled, fingerprint)},
+                        CalibConfig())
+    ls, ref = given.experts[HIGH].layers["blocks.0.ffn.0"], plain.experts[HIGH].layers["blocks.0.ffn.0"]
+    assert torch.equal(ls.wmax, (2 * ref.wmax.float()).to(ls.wmax.dtype))
+    assert given.experts[HIGH].fingerprint == fingerprint
+
+
+def test_calibration_keeps_at_most_sample_tokens_per_layer(experts):
+    model = experts[HIGH]
+    x, t, ctx = example_inputs(model, frames=2, height=8, width=8, text_len=16)
+    with observe(model, config=CalibConfig(sample_tokens=40)) as observed, torch.no_grad():
+        for _ in range(5):
+            model(x, t, ctx)
+    assert observed["blocks.0.ffn.2"].sample.tokens().shape == (32, 256)  # 2 whole calls of 16 tokens
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0, True])
+def test_calib_config_rejects_a_sample_size_that_is_not_a_positive_int(n):
+    with pytest.raises(ValueError, match="sample_tokens"):
+        CalibConfig(sample_tokens=n)
 
 
 def test_calib_config_rejects_a_percentile_out_of_range():

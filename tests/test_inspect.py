@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from hifloat4 import inspect_state
-from hifloat4.calibrate import CalibConfig, build_state, observe
+from hifloat4.calibrate import CalibConfig, ExpertObservation, build_state, observe
 from hifloat4.state import save_state
 from hifloat4.tiny_wan import example_inputs, make_tiny_wan
 
@@ -31,7 +31,7 @@ def good(tmp_path_factory):
         x, t, ctx = example_inputs(model, frames=1, height=4, width=4, text_len=8)
         with observe(model) as stats, torch.no_grad():
             model(x, t, ctx)
-        experts[name] = (model, stats)
+        experts[name] = ExpertObservation(model, stats)
     state = build_state(experts, CalibConfig(), calibration={"prompts": 1, "steps": 1, "cfg": 5.0})
     return save_state(tmp_path_factory.mktemp("inspect") / "good.safetensors", state)
 
@@ -52,7 +52,7 @@ def test_good_file_exits_zero_and_prints_the_layer_count(good):
 
 def test_good_file_output_shows_the_method_metadata_and_checksum(good):
     _, out, _ = _run([good])
-    for text in ("checksum:    OK", "hifloat4-ptq v1", "alpha 0.5", "percentile 99.9", "statistic tail",
+    for text in ("checksum:    OK", "hifloat4-ptq v2", "alpha 0.5", "percentile 99.9", "statistic tail",
                  "rotation:    none", '"prompts": 1'):
         assert text in out, text
 

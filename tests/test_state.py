@@ -21,7 +21,16 @@ def _layer(channels: int, gen: torch.Generator) -> LayerState:
     absmax = torch.rand(channels, generator=gen) * 10 + 0.1
     tail = absmax * (0.2 + 0.8 * torch.rand(channels, generator=gen))
     wmax = torch.rand(channels, generator=gen) + 0.01
-    return st.make_layer_state(wmax, absmax, tail, alpha=0.5, statistic="tail")
+    tails = absmax * (0.2 + 0.8 * torch.rand(3, channels, generator=gen)).sort(dim=0).values
+    errors = 0.05 + 0.1 * torch.rand(5, generator=gen)
+    return st.make_layer_state(wmax, absmax, tail, alpha=0.5, statistic="tail", tails=tails, errors=errors)
+
+
+def _v1(state: PTQState) -> PTQState:
+    """The same state as format version 1 had it: no tails, no errors."""
+    experts = {e: ExpertState({ln: dataclasses.replace(ls, tails=None, errors=None) for ln, ls in ex.layers.items()},
+                              ex.fingerprint) for e, ex in state.experts.items()}
+    return dataclasses.replace(state, experts=experts)
 
 
 def _state(models) -> PTQState:
@@ -84,8 +93,9 @@ def test_round_trip_preserves_every_tensor(saved, state):
     loaded = load_state(saved)
     for e, ex in state.experts.items():
         for ln, ls in ex.layers.items():
-            for f in st.TENSOR_FIELDS:
-                assert torch.equal(getattr(loaded.experts[e].layers[ln], f), getattr(ls, f))
+            for f in st.TENSOR_FIELDS + st.V2_FIELDS:
+                got = getattr(loaded.experts[e].layers[ln], f)
+                assert got.dtype == getattr(ls, f).dtype and torch.equal(got, getattr(ls, f)), f
 
 
 def test_round_trip_preserves_metadata(saved, state):
@@ -110,7 +120,8 @@ def test_rotation_settings_round_trip(tmp_path, state):
 def test_tensor_keys_follow_expert_layer_field_scheme(saved):
     keys = set(load_file(saved))
     assert MASK_KEY in keys and "low_noise/blocks.1.ffn.2/wmax" in keys
-    assert len(keys) == 2 * 20 * 4
+    assert "low_noise/blocks.1.ffn.2/tails" in keys and "high_noise/blocks.0.ffn.0/errors" in keys
+    assert len(keys) == 2 * 20 * 6
 
 
 def test_metadata_is_one_json_key_with_format_name_and_version(saved):
@@ -119,7 +130,7 @@ def test_metadata_is_one_json_key_with_format_name_and_version(saved):
     assert list(metadata) == [st.METADATA_KEY]
     meta = json.loads(metadata[st.METADATA_KEY])
     assert (meta["format"], meta["format_version"], meta["method"]) == (
-        "hifloat4-ptq", 1, "tail-aware-smoothquant")
+        "hifloat4-ptq", 2, "tail-aware-smoothquant")
     assert meta["hif4_spec"] == st.HIF4_SPEC_ID and meta["checksum"].startswith("sha256:")
 
 
@@ -129,18 +140,22 @@ def test_saving_twice_gives_identical_bytes(tmp_path, state):
     assert open(a, "rb").read() == open(b, "rb").read()
 
 
-def test_state_nbytes_counts_four_16_bit_values_per_channel(state):
-    channels = sum(ls.channels for ex in state.experts.values() for ls in ex.layers.values())
-    assert state_nbytes(state) == channels * 4 * 2
+def test_state_nbytes_counts_seven_16_bit_values_per_channel_and_five_errors_per_layer(state):
+    layers = [ls for ex in state.experts.values() for ls in ex.layers.values()]
+    assert state_nbytes(state) == sum(ls.channels for ls in layers) * 7 * 2 + len(layers) * 5 * 4
 
 
-def test_a14b_pair_state_is_under_a_tenth_of_a_percent_of_the_bf16_model():
+def test_a14b_pair_state_is_under_an_eighth_of_a_percent_of_the_bf16_model():
+    """Version 1 (masks + statistics, 8 bytes per channel) was 0.067%; version 2's tails
+    add 6 bytes per channel and the errors 20 bytes per layer: 0.117% (64 MiB)."""
     with torch.device("meta"):
         model = TinyWan(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40))
     shapes = wan.linear_shapes(model)
-    per_expert = sum(shapes[n][1] for n in wan.main_linear_names(model)) * 4 * 2
+    names = wan.main_linear_names(model)
+    per_expert = sum(shapes[n][1] for n in names) * 7 * 2 + len(names) * 5 * 4
+    assert per_expert == sum(st.layer_nbytes(shapes[n][1]) for n in names)
     model_bytes = 2 * sum(p.numel() for p in model.parameters())
-    assert 2 * per_expert < 0.001 * 2 * model_bytes
+    assert 2 * per_expert < 0.00125 * 2 * model_bytes
 
 
 # --------------------------------------------------------------------------- saving
@@ -302,8 +317,8 @@ def test_wrong_format_name_is_rejected(tmp_path, saved):
 
 
 def test_newer_format_version_is_rejected(tmp_path, saved):
-    path = _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(m, "format_version", 2))
-    with pytest.raises(PTQStateError, match="unsupported format version 2"):
+    path = _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(m, "format_version", 3))
+    with pytest.raises(PTQStateError, match="unsupported format version 3"):
         load_state(path)
 
 
@@ -388,13 +403,17 @@ def test_two_dimensional_tensor_is_rejected(tmp_path, saved):
         load_state(path)
 
 
-def _with_value(key, value):
+def _element(key: str, index: tuple, value: float):
     def edit(t):
         x = t[key].clone()
-        x[5] = value
+        x[index] = value
         t[key] = x
         return t
     return edit
+
+
+def _with_value(key, value):
+    return _element(key, (5,), value)
 
 
 def test_nan_mask_is_rejected(tmp_path, saved):
@@ -444,6 +463,161 @@ def test_expert_name_with_a_slash_is_rejected(tmp_path, saved):
     path = _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(m["experts"][0], "name", "a/b") and m)
     with pytest.raises(PTQStateError, match="bad expert name"):
         load_state(path)
+
+
+TAILS_KEY, ERRORS_KEY = "high_noise/blocks.0.ffn.0/tails", "high_noise/blocks.0.ffn.0/errors"
+
+
+def _with_tensor(key, value):
+    return lambda t: _set(t, key, value)
+
+
+def _tails_with(row: int, value: float):
+    return _element(TAILS_KEY, (row, 5), value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_with_tensor(TAILS_KEY, torch.ones(3, 128)), "dtype"),
+    (_with_tensor(ERRORS_KEY, torch.ones(5, dtype=torch.float16)), "dtype"),
+    (_with_tensor(TAILS_KEY, torch.ones(128, dtype=torch.bfloat16)), "shape"),
+    (_with_tensor(TAILS_KEY, torch.ones(4, 128, dtype=torch.bfloat16)), "shape"),
+    (_with_tensor(ERRORS_KEY, torch.ones(4)), "shape"),
+    (_element(ERRORS_KEY, (2,), float("nan")), "NaN/Inf"),
+    (_with_value(ERRORS_KEY[:-6] + "absmax", float("inf")), "NaN/Inf"),
+    (_tails_with(2, float("inf")), "NaN/Inf"),
+    (_element(ERRORS_KEY, (0,), -0.5), "negative errors"),
+    (_tails_with(0, -1.0), "negative statistics"),
+    (_tails_with(0, 1e6), "not ordered"),
+    (_tails_with(1, 0.0), "not ordered"),
+    (_tails_with(2, 1e6), "not ordered"),
+], ids=["tails fp32", "errors fp16", "tails 1-D", "tails 4 rows", "errors 4", "errors NaN", "absmax inf",
+        "tails inf", "errors negative", "tails negative", "p99 above p99.9", "p99.9 below p99", "p99.99 above absmax"])
+def test_bad_tails_or_errors_are_rejected(tmp_path, saved, edit, message):
+    with pytest.raises(PTQStateError, match=message):
+        load_state(_bad_copy(saved, tmp_path, tensors_fn=edit))
+
+
+def test_tampered_errors_fail_the_checksum(tmp_path, saved):
+    path = _bad_copy(saved, tmp_path, tensors_fn=_element(ERRORS_KEY, (4,), 0.0), rechecksum=False)
+    with pytest.raises(PTQStateError, match="checksum mismatch"):
+        load_state(path)
+
+
+def test_a_version_2_file_without_errors_is_rejected(tmp_path, saved):
+    path = _bad_copy(saved, tmp_path, tensors_fn=lambda t: {k: v for k, v in t.items() if k != ERRORS_KEY})
+    with pytest.raises(PTQStateError, match="missing tensors: high_noise/blocks.0.ffn.0/errors"):
+        load_state(path)
+
+
+# --------------------------------------------------------------------------- format version 1
+
+def _version_1_file(saved, tmp_path, keep=()):
+    """The saved state rewritten in version 1's layout: no tails/errors tensors (except `keep`)."""
+    return _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(m, "format_version", 1),
+                     tensors_fn=lambda t: {k: v for k, v in t.items()
+                                           if k in keep or not k.endswith(("/tails", "/errors"))})
+
+
+@pytest.fixture
+def version_1(tmp_path, saved):
+    return load_state(_version_1_file(saved, tmp_path))
+
+
+def test_a_version_1_file_loads_with_no_tails_and_no_errors(version_1, state):
+    ls, want = version_1.experts["low_noise"].layers["blocks.1.ffn.2"], state.experts["low_noise"].layers["blocks.1.ffn.2"]
+    assert (ls.tails, ls.errors) == (None, None)
+    assert all(torch.equal(getattr(ls, f), getattr(want, f)) for f in st.TENSOR_FIELDS)
+
+
+def test_a_version_1_file_carrying_tails_is_rejected(tmp_path, saved):
+    with pytest.raises(PTQStateError, match=r"unexpected tensors: high_noise/blocks.0.ffn.0/tails \(format version 1\)"):
+        load_state(_version_1_file(saved, tmp_path, keep=(TAILS_KEY,)))
+
+
+def test_a_version_1_state_saves_as_version_1_and_loads_again(tmp_path, version_1):
+    path = save_state(tmp_path / "v1.safetensors", version_1)
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()[st.METADATA_KEY])["format_version"] == 1
+    assert load_state(path).experts["high_noise"].layers["blocks.0.ffn.0"].errors is None
+
+
+def test_a_state_with_errors_on_some_layers_only_is_refused(tmp_path, state, version_1):
+    mixed = dataclasses.replace(version_1, experts={**version_1.experts, "low_noise": state.experts["low_noise"]})
+    with pytest.raises(PTQStateError, match="both tails and errors"):
+        save_state(tmp_path / "mixed.safetensors", mixed)
+
+
+def test_missing_features_name_what_a_version_1_state_lacks(version_1, state):
+    assert st.missing_features(state) == []
+    missing = st.missing_features(version_1)
+    assert any("sensitivity" in m for m in missing) and any("adaptive" in m for m in missing)
+
+
+def test_remask_adaptive_on_a_version_1_state_says_to_recalibrate(version_1):
+    with pytest.raises(PTQStateError, match="lacks them: recalibrate with this version"):
+        st.remask(version_1, statistic="adaptive")
+
+
+def test_adaptive_statistic_in_a_version_1_file_is_rejected(tmp_path, saved):
+    path = _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(_set(m, "format_version", 1), "statistic", "adaptive"),
+                     tensors_fn=lambda t: {k: v for k, v in t.items() if not k.endswith(("/tails", "/errors"))})
+    with pytest.raises(PTQStateError, match="statistic must be one of"):
+        load_state(path)
+
+
+def test_sensitivity_is_the_first_error_and_none_in_version_1(state, version_1):
+    ls = state.experts["high_noise"].layers["blocks.0.ffn.0"]
+    assert st.sensitivity(ls) == float(ls.errors[0])
+    assert st.sensitivity(version_1.experts["high_noise"].layers["blocks.0.ffn.0"]) is None
+
+
+# --------------------------------------------------------------------------- adaptive statistic
+
+def _with_errors(ls: LayerState, errors) -> LayerState:
+    return dataclasses.replace(ls, errors=torch.tensor(errors, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("errors, choice", [
+    ([0.1, 0.30, 0.20, 0.25, 0.40], "p99.9"),
+    ([0.1, 0.30, 0.20, 0.25, 0.10], "max"),
+    ([0.1, 0.05, 0.20, 0.25, 0.40], "p99"),
+    ([0.1, 0.20, 0.20, 0.10, 0.10], "p99.99"),  # a tie goes to the earlier candidate
+])
+def test_adaptive_choice_is_the_candidate_with_the_lowest_error(state, errors, choice):
+    assert st.adaptive_choice(_with_errors(state.experts["high_noise"].layers["blocks.0.ffn.0"], errors)) == choice
+
+
+def test_adaptive_choice_of_a_version_1_layer_raises(version_1):
+    with pytest.raises(PTQStateError, match="errors"):
+        st.adaptive_choice(version_1.experts["high_noise"].layers["blocks.0.ffn.0"])
+
+
+def test_candidates_and_error_keys_are_in_the_documented_order():
+    assert st.CANDIDATES == ("p99", "p99.9", "p99.99", "max")
+    assert st.ERROR_KEYS == ("calibrated", "p99", "p99.9", "p99.99", "max")
+    assert st.REMASK_STATISTICS == ("tail", "max", "none", "adaptive")
+
+
+def test_remask_adaptive_gives_each_layer_the_mask_of_its_chosen_statistic(state):
+    new = st.remask(state, alpha=0.4, statistic="adaptive")
+    smoothing = pytest.importorskip("hifloat4.smoothing")
+    chosen = set()
+    for e, ex in state.experts.items():
+        for ln, ls in ex.layers.items():
+            choice = st.adaptive_choice(ls)
+            chosen.add(choice)
+            act = ls.absmax if choice == "max" else ls.tails[st.CANDIDATES.index(choice)]
+            want = smoothing.channel_mask(ls.wmax.float(), act.float(), smoothing.MaskConfig(alpha=0.4))
+            assert torch.equal(new.experts[e].layers[ln].mask, want.half()), (e, ln)
+    assert len(chosen) > 1 and (new.statistic, new.alpha) == ("adaptive", 0.4)
+
+
+def test_an_adaptive_state_saves_and_loads_and_remasks_again(tmp_path, state):
+    new = load_state(save_state(tmp_path / "a.safetensors", st.remask(state, statistic="adaptive")))
+    assert new.statistic == "adaptive"
+    again = st.remask(new)
+    assert all(torch.equal(again.experts[e].layers[ln].mask, ls.mask)
+               for e, ex in new.experts.items() for ln, ls in ex.layers.items())
 
 
 # --------------------------------------------------------------------------- model checks

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hifloat4.stats import ChannelStats, _block_size, _Ranks, channel_absmax, channel_percentile
+from hifloat4.stats import (ADAPTIVE_PERCENTILES, ChannelStats, _block_size, _Ranks, channel_absmax,
+                            channel_percentile, channel_percentiles)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
@@ -197,6 +198,7 @@ def test_state_dict_round_trips_through_safetensors(tmp_path):
     loaded = ChannelStats.from_state_dict(load_file(tmp_path / "stats.safetensors"))
     assert (loaded.percentile, loaded.calls, loaded.tokens) == (99.5, 1, 300)
     assert torch.equal(loaded.tail, stats.tail) and torch.equal(loaded.absmax, stats.absmax)
+    assert torch.equal(loaded.tails, stats.tails)
 
 
 def test_load_state_dict_rejects_another_percentile():
@@ -226,3 +228,62 @@ def test_update_accepts_inputs_that_require_grad():
     stats = ChannelStats(8, percentile=99.0)
     stats.update(x)
     assert torch.equal(stats.absmax, x.detach().abs().amax(0))
+
+
+# --------------------------------------------------------------------------- adaptive tails
+
+def test_the_adaptive_percentiles_are_p99_p999_p9999():
+    assert ADAPTIVE_PERCENTILES == (99.0, 99.9, 99.99)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 20000), channels=st.integers(1, 5), dtype=st.sampled_from(DTYPES),
+       percentile=st.sampled_from([10.0, 50.0, 99.5, 99.9, 100.0]), seed=st.integers(0, 2**31))
+def test_each_call_tails_equal_numpy_percentiles_exactly(tokens, channels, dtype, percentile, seed):
+    x = outlier_activations(tokens, channels, dtype, seed)
+    stats = ChannelStats(channels, percentile=percentile)
+    stats.update(x)
+    for row, q in enumerate(ADAPTIVE_PERCENTILES):
+        np.testing.assert_array_equal(stats.tails[row].numpy(), numpy_percentile(x, q), err_msg=f"p{q}")
+    np.testing.assert_array_equal(stats.tail.numpy(), numpy_percentile(x, percentile))
+    np.testing.assert_array_equal(stats.absmax.numpy(), numpy_absmax(x))
+
+
+def test_tails_of_a_75k_token_call_equal_numpy_percentiles_exactly():
+    """The block prefilter with k = 751 (p99 of 75k tokens, an A14B 720p call)."""
+    x = outlier_activations(75000, 8, seed=5)
+    stats = ChannelStats(8)
+    stats.update(x)
+    want = np.stack([numpy_percentile(x, q) for q in ADAPTIVE_PERCENTILES])
+    np.testing.assert_array_equal(stats.tails.numpy(), want)
+
+
+def test_tails_are_the_max_over_calls_of_each_calls_percentiles():
+    a, b = outlier_activations(500, 6, seed=1), outlier_activations(900, 6, seed=2) * 3
+    stats = ChannelStats(6)
+    stats.update(a)
+    stats.update(b)
+    assert torch.equal(stats.tails, torch.maximum(channel_percentiles(a, ADAPTIVE_PERCENTILES),
+                                                  channel_percentiles(b, ADAPTIVE_PERCENTILES)))
+
+
+def test_channel_percentiles_equal_one_call_per_percentile():
+    x = outlier_activations(3000, 7)
+    qs = (12.5, 99.0, 99.9, 100.0)
+    want = torch.stack([channel_percentile(x, q) for q in qs])
+    assert torch.equal(channel_percentiles(x, qs), want)
+
+
+def test_tails_are_ordered_and_below_absmax():
+    stats = ChannelStats(64)
+    for seed in range(3):
+        stats.update(outlier_activations(2000, 64, seed=seed))
+    chain = torch.cat([stats.tails, stats.absmax[None]])
+    assert bool((chain[1:] >= chain[:-1]).all())
+
+
+def test_load_state_dict_rejects_tails_of_the_wrong_shape():
+    saved = ChannelStats(6).state_dict()
+    saved["tails"] = torch.zeros(6)
+    with pytest.raises(ValueError, match="tails has shape"):
+        ChannelStats(6).load_state_dict(saved)

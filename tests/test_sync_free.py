@@ -14,6 +14,9 @@ from hifloat4 import backend
 from hifloat4.linear import LayerQuant, prepare_activation, prepare_weight, w4a4_linear
 from hifloat4.packing import unpack_groups_torch
 from hifloat4.rotation import Rotation
+from hifloat4.sensitivity import TokenSample, layer_errors, relative_error
+from hifloat4.state import ERROR_KEYS, make_layer_state
+from hifloat4.stats import ChannelStats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOKENS, DIM, FFN = 4096, 5120, 13824  # an A14B ffn.2 input chunk and the ffn.2 weight
@@ -68,6 +71,35 @@ def test_packed_decode_runs_on_meta_tensors():
     out = torch.empty(DIM * FFN // 64, 64, dtype=torch.bfloat16, device="meta")
     unpack_groups_torch(torch.empty(DIM * FFN // 64, 36, dtype=torch.uint8, device="meta"), out)
     assert out.shape == (DIM * FFN // 64, 64)
+
+
+@pytest.mark.parametrize("tokens", [4096, 75000])
+def test_channel_stats_update_with_the_adaptive_tails_runs_on_meta_tensors(tokens):
+    stats = ChannelStats(FFN, device="meta")
+    stats.update(meta(tokens, FFN, dtype=torch.bfloat16))
+    assert (stats.tails.device.type, stats.tails.shape) == ("meta", (3, FFN))
+
+
+def test_token_sample_update_runs_on_meta_tensors_past_its_capacity():
+    sample = TokenSample(DIM, capacity=128, per_call=16)
+    for _ in range(20):  # 8 slots: the reservoir replaces calls from the 9th on
+        sample.update(meta(2, TOKENS // 2, DIM, dtype=torch.bfloat16))
+    assert (sample.tokens().device.type, sample.tokens().shape) == ("meta", (128, DIM))
+
+
+@pytest.mark.parametrize("rotation", [None, Rotation(512, 0)])
+def test_layer_errors_run_on_meta_tensors(rotation):
+    sample = TokenSample(FFN, capacity=128)
+    sample.update(meta(TOKENS, FFN, dtype=torch.bfloat16))
+    ones = torch.ones(FFN)
+    ls = make_layer_state(ones, ones, ones, alpha=0.5, statistic="tail", tails=torch.ones(3, FFN))
+    errors = layer_errors(sample, meta(DIM, FFN, dtype=torch.bfloat16), ls, 0.5, rotation)
+    assert (errors.device.type, errors.shape) == ("meta", (len(ERROR_KEYS),))
+
+
+def test_relative_error_runs_on_meta_tensors():
+    err = relative_error(meta(128, DIM, dtype=torch.bfloat16), meta(FFN, DIM), LayerQuant(meta(DIM)))
+    assert (err.device.type, err.shape) == ("meta", ())
 
 
 def test_the_meta_device_does_refuse_a_host_sync():

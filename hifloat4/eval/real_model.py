@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..calibrate import observe
+from ..calibrate import CalibConfig, observe
 from ..demo import SQNRMeter
 from ..quantize import LayersConfig, quantize_
 from ..smoothing import weight_absmax
@@ -195,20 +195,20 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
     # ---- calibration: pooled tokens (the paper's statistic) and observe() (the product's streaming one)
     t = time.perf_counter()
     log(f"real model: calibrating {len(names)} Linear layers of {MODEL_NAME} on {len(calib)} sentences")
-    with capture_inputs(model, names) as rows, observe(model, names, percentile=rcfg.per_call_percentile) as obs:
+    with capture_inputs(model, names) as rows, observe(model, names, CalibConfig(percentile=rcfg.per_call_percentile)) as obs:
         embed(model, calib)
     layer_stats, per_call, mismatch = {}, {}, []
     for n in names:
         x = torch.cat(rows[n])
         wmax = weight_absmax(model.get_submodule(n).weight.detach())
         absmax = channel_absmax(x)
-        if not torch.equal(absmax, obs[n].absmax):  # observe() must see exactly the tokens the model ran
+        if not torch.equal(absmax, obs[n].stats.absmax):  # observe() must see exactly the tokens the model ran
             mismatch.append(n)
         layer_stats[n] = LayerStats(wmax=wmax, absmax=absmax,
                                     tails={p: channel_percentile(x, p) for p in rcfg.percentiles})
-        per_call[n] = LayerStats(wmax=wmax, absmax=absmax, tails={rcfg.per_call_percentile: obs[n].tail.clone()})
+        per_call[n] = LayerStats(wmax=wmax, absmax=absmax, tails={rcfg.per_call_percentile: obs[n].stats.tail.clone()})
     tokens = sum(int(r.shape[0]) for r in rows[names[0]])
-    calls = obs[names[0]].calls
+    calls = obs[names[0]].stats.calls
     del rows
     timings["calibrate"] = time.perf_counter() - t
 

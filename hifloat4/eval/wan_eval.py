@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import demo, wan
-from ..calibrate import observe
+from ..calibrate import CalibConfig, observe
 from ..experts import HIGH, LOW
-from ..sampling import BOUNDARY_SIGMA, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ..sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from ..quantize import LayersConfig, quantize_
 from ..smoothing import weight_absmax
 from ..stats import ChannelStats
@@ -221,9 +221,11 @@ def _summary(r: dict) -> dict:
 
 @contextlib.contextmanager
 def _observers(models: dict[str, nn.Module], names: dict[str, list[str]], percentiles: Sequence[float]):
-    """observe() on every expert for every percentile at once: {(expert, p): stats}."""
+    """observe() on every expert for every percentile at once: {(expert, p): {layer: ChannelStats}}
+    (updated in place while the block runs)."""
     with contextlib.ExitStack() as stack:
-        yield {(e, p): stack.enter_context(observe(model, names[e], percentile=p))
+        yield {(e, p): {n: o.stats for n, o in stack.enter_context(observe(model, names[e],
+                                                                           CalibConfig(percentile=p))).items()}
                for e, model in models.items() for p in percentiles}
 
 

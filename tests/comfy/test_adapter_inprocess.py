@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import harness
+from hifloat4.calibrate import CalibConfig
 
 pytestmark = pytest.mark.comfyui
 T2V_HIGH = "tiny_wan2.2_t2v_high_noise.safetensors"
@@ -241,12 +242,14 @@ def test_observers_feed_statistics_and_leave_outputs_unchanged(comfy, model):
     adapter = comfy["adapter"]
     m = layer(adapter, model)
     x = torch.randn(2, 7, m.in_features)
-    with adapter.CalibrationSession(model, 99.0) as session:
+    with adapter.CalibrationSession(model, CalibConfig(percentile=99.0)) as session:
         load(comfy, session.clone)
         with torch.no_grad():
             y = m(x)
-        stats = session.observers[LAYER].stats
+        observed = session.observers[LAYER].observation
+        stats, sample = observed.stats, observed.sample
         assert stats.calls == 1 and torch.equal(stats.absmax, x.abs().amax(dim=(0, 1)))
+        assert sample.calls == 1 and torch.equal(sample.tokens(), x.reshape(14, -1))
     assert torch.equal(y, torch.nn.functional.linear(x, m.weight, m.bias))
 
 
@@ -254,7 +257,7 @@ def test_observers_are_removed_when_calibration_fails(comfy, model):
     adapter = comfy["adapter"]
     m = layer(adapter, model)
     with pytest.raises(RuntimeError, match="boom"):
-        with adapter.CalibrationSession(model, 99.9) as session:
+        with adapter.CalibrationSession(model, CalibConfig()) as session:
             load(comfy, session.clone)
             assert isinstance(m.__dict__.get("forward"), adapter._Observer)
             raise RuntimeError("boom")

@@ -124,3 +124,48 @@ def test_saved_state_loads_back_identical(nodes, pair, calib_dir, progress):
         assert ex.fingerprint == loaded.experts[name].fingerprint
         for ln, ls in ex.layers.items():
             assert torch.equal(ls.mask, loaded.experts[name].layers[ln].mask)
+            assert all(torch.equal(getattr(ls, f), getattr(loaded.experts[name].layers[ln], f))
+                       for f in ("tails", "errors"))
+
+
+def test_the_node_records_tails_and_sensitivity_for_every_layer(nodes, pair, calib_dir, progress):
+    from hifloat4 import state as hstate
+    state = calibrate(nodes, pair)["result"][0]
+    assert hstate.format_version(state) == hstate.FORMAT_VERSION and hstate.missing_features(state) == []
+    for ex in state.experts.values():
+        for ls in ex.layers.values():
+            assert ls.tails.shape == (3, ls.channels) and ls.errors.shape == (len(hstate.ERROR_KEYS),)
+            assert 0.0 < hstate.sensitivity(ls) < 1.0 and hstate.adaptive_choice(ls) in hstate.CANDIDATES
+
+
+def test_the_node_builds_its_state_with_calibrate_build_state(nodes, pair, calib_dir, progress, monkeypatch):
+    import hifloat4.calibrate as hcalibrate
+    calls = []
+    build = hcalibrate.build_state
+    monkeypatch.setattr(hcalibrate, "build_state", lambda *a, **k: calls.append(a) or build(*a, **k))
+    state = calibrate(nodes, pair)["result"][0]
+    assert len(calls) == 1 and state.statistic == "tail" and state.rotation is None
+
+
+def test_the_node_calibrates_with_the_rotation_and_records_it(nodes, pair, calib_dir, progress):
+    plain = calibrate(nodes, pair)["result"][0]
+    rotated = calibrate(nodes, pair, rotation="hadamard", rotation_block=100)["result"][0]
+    assert rotated.rotation == {"block": 64, "seed": 0}  # the largest power of two <= 100
+    ls, ref = rotated.experts["high_noise"].layers["blocks.0.ffn.2"], plain.experts["high_noise"].layers["blocks.0.ffn.2"]
+    assert torch.equal(ls.mask, ref.mask) and not torch.equal(ls.errors, ref.errors)
+
+
+def test_load_says_what_a_version_1_state_lacks(comfy, nodes, pair, calib_dir, progress):
+    import dataclasses
+
+    from hifloat4 import state as hstate
+    load = importlib.import_module("comfyui_hifloat4.nodes.load")
+    state = calibrate(nodes, pair)["result"][0]
+    v1 = dataclasses.replace(state, experts={e: hstate.ExpertState(
+        {ln: dataclasses.replace(ls, tails=None, errors=None) for ln, ls in ex.layers.items()}, ex.fingerprint)
+        for e, ex in state.experts.items()})
+    hstate.save_state(calib_dir / "old.safetensors", v1)
+    out = load.HiF4LoadPTQState().load("old.safetensors")
+    assert out["result"][0].experts["high_noise"].layers["blocks.0.ffn.0"].errors is None
+    assert "sensitivity" in out["ui"]["text"][0] and "adaptive statistic" in out["ui"]["text"][0]
+    assert load.HiF4LoadPTQState().load("run/t2v_00001.safetensors")[0].statistic == "tail"
