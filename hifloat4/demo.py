@@ -267,9 +267,10 @@ def evaluate(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[s
 
 
 def keep_sensitive(cfg: DemoConfig, state: PTQState, reference: dict[str, nn.Module], ref: Reference, prompts,
-                   neg: Tensor, switch: int) -> dict:
-    """Final-latent error with the N most sensitive layers per expert kept in high
-    precision (keep_high_precision) against N random ones, N in KEEP_NS."""
+                   neg: Tensor, switch: int, ns: Sequence[int] = KEEP_NS, seeds: Sequence[int] = KEEP_SEEDS,
+                   orders: Sequence[str] = ("sensitive", "random")) -> dict:
+    """Final-latent error on the held-out prompts with N layers per expert kept in high
+    precision, chosen by each order (hifloat4.eval.keep_eval), N in `ns`."""
     plans = {e: make_plan(W4A4Config(state, expert=e), wan.fingerprint(reference[e])) for e in (HIGH, LOW)}
     groups = {e: (list(p.layers), {n: sensitivity(state.experts[e].layers[n]) for n in p.layers})
               for e, p in plans.items()}
@@ -282,8 +283,7 @@ def keep_sensitive(cfg: DemoConfig, state: PTQState, reference: dict[str, nn.Mod
             finals = [_sample(cfg, quantized, ctx, neg, noise_seed(cfg, "eval", i), switch) for i, ctx in enumerate(prompts)]
         return sum(_rel(f, r) for f, r in zip(finals, ref.finals)) / len(finals)
 
-    out = keep_sweep(groups, error, KEEP_NS, KEEP_SEEDS, orders=("sensitive", "random"))
-    return {k: out[k] for k in ("n", "sensitive", "random")}
+    return keep_sweep(groups, error, ns, seeds, orders)
 
 
 # --------------------------------------------------------------------------- verdict
@@ -459,7 +459,8 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
     t = time.perf_counter()
     _log(f"evaluate: keeping {', '.join(map(str, KEEP_NS[1:]))} layers per expert in high precision, "
          "most sensitive vs random")
-    keep = keep_sensitive(cfg, loaded, reference, ref, eval_prompts, neg, switch)
+    sweep = keep_sensitive(cfg, loaded, reference, ref, eval_prompts, neg, switch)
+    keep = {k: sweep[k] for k in ("n", "sensitive", "random")}
     timings["keep_sensitive"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 

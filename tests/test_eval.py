@@ -146,3 +146,26 @@ def test_command_line_dispatches_eval():
     proc = subprocess.run([sys.executable, "-m", "hifloat4", "eval", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_tiny_wan_part_reports_error_against_kept_layers_for_all_three_orders(quick):
+    k = quick[3]["tiny_wan"]["keep_sensitive"]
+    assert k["n"][0] == 0 and len(k["n"]) >= 3
+    for order in ("sensitive", "random", "position"):
+        assert len(k[order]) == len(k["n"]) and k[order][0] == k["sensitive"][0]
+    assert all(len(runs) == len(k["seeds"]) for runs in k["random_runs"])
+
+
+def test_both_parts_report_adaptive_against_the_fixed_statistic_with_its_choices(quick):
+    results = quick[3]
+    parts = ["tiny_wan"] + (["real_model"] if results["real_model"].get("status") == "ok" else [])
+    for part in parts:
+        a = results[part]["adaptive"]
+        assert len(a["methods"]) == 2 and "adaptive" in a["methods"]
+        assert set(a["choices"]) <= {"p99", "p99.9", "p99.99", "max"} and sum(a["choices"].values()) > 0
+
+
+def test_verdicts_say_whether_sensitive_beats_random_and_position(quick):
+    text = quick[1]
+    assert "keeping the N most sensitive layers vs N random ones" in text
+    assert "keeping the N most sensitive layers vs the first N in block order" in text

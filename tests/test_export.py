@@ -16,7 +16,8 @@ from hifloat4 import export as hexp
 from hifloat4 import quantize_
 from hifloat4 import state as hstate
 from hifloat4.calibrate import CalibConfig, calibrate
-from hifloat4.plan import W4A4Config
+from hifloat4 import wan
+from hifloat4.plan import W4A4Config, make_plan
 from hifloat4.packed_linear import PackedHiF4Linear, pack_weight
 from hifloat4.rotation import Rotation
 from hifloat4.tiny_wan import TinyWan, example_inputs, make_tiny_wan
@@ -91,6 +92,35 @@ def _rewrite(src, dst, tensors=None, meta=None):
 
 
 # --------------------------------------------------------------------------- round trip
+
+@pytest.fixture(scope="module")
+def kept_file(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kept") / "kept.safetensors"
+    assert hexp.main(["--model", str(files[HIGH]), "--state", str(files["state"]), "--expert", HIGH,
+                      "--keep-high-precision", "3", "--out", str(out)]) == 0
+    return out
+
+
+def test_kept_layers_are_stored_unquantized_and_listed_most_sensitive_first(kept_file, ptq_state, models):
+    ck = hckpt.load_hif4_checkpoint(kept_file)
+    plan = make_plan(W4A4Config(ptq_state, expert=HIGH, keep_high_precision=3), wan.fingerprint(models[HIGH]))
+    assert ck.kept == list(plan.kept) and not set(ck.kept) & set(ck.layers)
+    assert all(ck.tensors[n + ".weight"].dtype == torch.bfloat16 for n in ck.kept)
+
+
+def test_a_file_with_kept_layers_runs_bit_identical_to_quantize_with_the_same_choice(kept_file, ptq_state, models):
+    fake = quantize_(copy.deepcopy(models[HIGH]), W4A4Config(ptq_state, expert=HIGH, keep_high_precision=3))
+    x, t, ctx = example_inputs(models[HIGH], text_len=8, seed=3)
+    with torch.no_grad():
+        assert torch.equal(_install(kept_file)(x, t, ctx), fake(x, t, ctx))
+
+
+def test_the_export_report_says_what_the_kept_layers_cost(files, ptq_state, tmp_path):
+    report = hexp.export_expert(hexp.SafetensorsSource(files[HIGH]),
+                                W4A4Config(ptq_state, expert=HIGH, keep_high_precision=2), tmp_path / "k.safetensors")
+    assert len(report.kept) == 2 and report.kept_bytes > report.kept_packed_bytes > 0
+    assert all(n in report.summary() for n in report.kept) and "more than packed" in report.summary()
+
 
 def test_exported_model_runs_bit_identical_to_fake_quant(files, models, ptq_state):
     fake = quantize_(copy.deepcopy(models[HIGH]), W4A4Config(ptq_state, expert=HIGH))
@@ -350,6 +380,9 @@ CASES = {
     "mask dtype": (lambda t: t.update({"blocks.0.ffn.2.hif4_mask": t["blocks.0.ffn.2.hif4_mask"].half()}), None,
                    "expected F32"),
     "bias shape": (lambda t: t.update({"blocks.0.ffn.2.bias": torch.zeros(7)}), None, "blocks.0.ffn.2.bias"),
+    "kept layer also packed": (None, _set("kept", ["blocks.0.ffn.0"]), "not packed"),
+    "kept layer not a main layer": (None, _set("kept", ["head.head"]), "not a Wan main layer name"),
+    "kept list not a list": (None, _set("kept", "blocks.0.ffn.0"), "metadata field 'kept'"),
     "integer tensor": (_set("head.modulation", torch.zeros(1, 2, 128, dtype=torch.int32)), None,
                        "only floating-point"),
     "zero mask": (lambda t: t["blocks.0.ffn.0.hif4_mask"].__setitem__(0, 0.0), None, "non-positive"),

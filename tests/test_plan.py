@@ -126,3 +126,48 @@ def test_quantize_finds_the_layers_under_a_key_prefix(state, models):
 def test_quantize_refuses_an_untyped_config():
     with pytest.raises(TypeError, match="W4A4Config or a LayersConfig"):
         quantize_(nn.Linear(4, 4), {"": None})
+
+
+def test_keeping_n_layers_leaves_the_n_largest_calibration_errors_unquantized(state, models):
+    from hifloat4.state import sensitivity
+    plan = make_plan(W4A4Config(state, keep_high_precision=3), fp(models[HIGH]))
+    errors = {n: sensitivity(ls) for n, ls in state.experts[HIGH].layers.items()}
+    assert set(plan.kept) == set(sorted(errors, key=errors.get, reverse=True)[:3])
+    assert [errors[n] for n in plan.kept] == sorted((errors[n] for n in plan.kept), reverse=True)
+    assert set(plan.layers) == set(errors) - set(plan.kept)
+
+
+def test_kept_layers_stay_plain_linears_in_the_quantized_model(state, models):
+    model = quantize_(copy.deepcopy(models[HIGH]), W4A4Config(state, keep_high_precision=2))
+    plan = make_plan(W4A4Config(state, keep_high_precision=2), fp(models[HIGH]))
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    assert all(kinds[n] is nn.Linear for n in plan.kept)
+    assert sum(k is HiF4Linear for k in kinds.values()) == len(plan.layers)
+
+
+def test_keeping_more_layers_than_the_expert_has_is_refused(state, models):
+    with pytest.raises(ValueError, match="only 20 main layers"):
+        make_plan(W4A4Config(state, keep_high_precision=21), fp(models[HIGH]))
+
+
+def test_keeping_layers_of_a_version_1_state_says_what_is_missing(state, models):
+    old = copy.deepcopy(state)
+    for ex in old.experts.values():
+        for ls in ex.layers.values():
+            ls.tails = ls.errors = None
+    with pytest.raises(PTQStateError, match="sensitivity.*Recalibrate"):
+        make_plan(W4A4Config(old, keep_high_precision=1), fp(models[HIGH]))
+
+
+def test_adaptive_statistic_takes_each_layers_lowest_error_candidate(state, models):
+    from hifloat4.state import adaptive_choice
+    plan = make_plan(W4A4Config(state, statistic="adaptive"), fp(models[HIGH]))
+    assert plan.statistics == {n: adaptive_choice(ls) for n, ls in state.experts[HIGH].layers.items()}
+    expected = remask(state, statistic="adaptive").experts[HIGH].layers
+    assert all(torch.equal(q.mask, expected[n].mask) for n, q in plan.layers.items())
+
+
+def test_the_description_names_the_kept_layers_and_their_cost(state, models):
+    plan = make_plan(W4A4Config(state, keep_high_precision=2), fp(models[HIGH]))
+    text = plan.describe()
+    assert all(n in text for n in plan.kept) and f"{plan.kept_packed_extra_bytes() / 1e6:.2f} MB" in text

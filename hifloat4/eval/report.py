@@ -7,7 +7,11 @@ from collections.abc import Sequence
 
 TIE_MARGIN = 0.02  # relative differences of an error below 2% are a tie (as the demo)
 NEAR_MAX = 0.95  # mean tail/max above this: the tail statistic is essentially the max (as the demo)
-PLOTS = ("eval_percentile.png", "eval_calib_size.png", "eval_formats.png")
+PLOTS = ("eval_percentile.png", "eval_calib_size.png", "eval_formats.png", "eval_keep.png")
+KEEP_PARTS = (("tiny_wan", "tiny Wan2.2 pair", "final latent rel. L2 error", "per expert (of {n})"),
+              ("real_model", "all-MiniLM-L6-v2", "1 - cos(embedding)", "(of {n} Linears)"))
+ORDER_LABELS = {"sensitive": "most sensitive at calibration (keep_high_precision)",
+                "random": "random (mean over seeds)", "position": "first blocks (block order)"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -163,6 +167,52 @@ def _tally_tail_vs_max(methods: dict, metric: str, tail_source: str | None = Non
     return tally
 
 
+def _keep_parts(results: dict):
+    """(key, part results, title, metric label, n label) of the parts that have a keep sweep."""
+    for key, title, metric, n_label in KEEP_PARTS:
+        part = results.get(key, {})
+        if "keep_sensitive" in part:
+            total = part["config"].get("layers_per_expert") or part["config"].get("layers")
+            yield key, part, title, metric, n_label.format(n=total)
+
+
+def keep_section(results: dict) -> list[str]:
+    """Error against the number of layers kept in high precision, per order; adaptive vs fixed."""
+    lines = []
+    for _, part, title, metric, n_label in _keep_parts(results):
+        k = part["keep_sensitive"]
+        lines += ["", f"== {title}: {metric} with N layers kept in high precision {n_label}, held-out inputs ==",
+                  f"random: mean over seeds {k['seeds']}"]
+        rows = [[ORDER_LABELS[o]] + [_f(v, ".5f") for v in k[o]] for o in ORDER_LABELS if o in k]
+        lines += table(["kept layers N"] + [str(n) for n in k["n"]], rows)
+        a = part["adaptive"]
+        lines += ["", f"{title}: adaptive statistic per layer vs the fixed one (choices: "
+                  + ", ".join(f"{c} {n}" for c, n in sorted(a["choices"].items())) + ")"]
+        names = list(a["methods"])
+        cols = [c for c in next(iter(a["methods"].values()))]
+        lines += table(["statistic"] + cols, [[m] + [_f(a["methods"][m][c], ".5f") for c in cols] for m in names])
+    return lines
+
+
+def keep_verdicts(results: dict) -> list[str]:
+    out = []
+    for key, part, title, _, _ in _keep_parts(results):
+        k = part["keep_sensitive"]
+        for other, words in (("random", "N random ones"), ("position", "the first N in block order")):
+            tally = {"better": 0, "tie": 0, "worse": 0}
+            for n, s, o in zip(k["n"], k["sensitive"], k[other]):
+                if n:
+                    tally[relative_verdict(s, o)] += 1
+            out.append(f"{title}: keeping the N most sensitive layers vs {words}, over N in "
+                       f"{[n for n in k['n'] if n]}: {tally['better']} better, {tally['tie']} tie, "
+                       f"{tally['worse']} worse")
+        metric = "final_latent_rel_err" if key == "tiny_wan" else "one_minus_cos_mean"
+        fixed, adaptive = (part["adaptive"]["methods"][m][metric] for m in part["adaptive"]["methods"])
+        out.append(f"{title}: adaptive statistic vs fixed: {relative_verdict(adaptive, fixed)} "
+                   f"({adaptive:.5f} vs {fixed:.5f})")
+    return out
+
+
 def verdicts(results: dict) -> list[str]:
     """Plain statements, computed from the numbers with the 2% tie margin; never tuned."""
     out = []
@@ -217,6 +267,7 @@ def verdicts(results: dict) -> list[str]:
             if ratio > NEAR_MAX:
                 line += ", so tail-aware and max masks nearly coincide here by construction"
             out.append(line)
+    out += keep_verdicts(results)
     fm = results.get("formats")
     if fm:
         g = fm["gaussian"]
@@ -242,6 +293,7 @@ def render(results: dict) -> str:
                                                           "tail p99.9 a0.5 +rot"])
     if "real_model" in results:
         lines += real_section(results["real_model"])
+    lines += keep_section(results)
     if "formats" in results:
         lines += formats_section(results["formats"])
     lines += ["", "== verdicts (2% tie margin on relative errors; settings fixed a priori) =="]
@@ -367,6 +419,28 @@ def plot_formats(plt, results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_keep(plt, results: dict, path: str) -> None:
+    parts = list(_keep_parts(results))
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.2 * len(parts), 4.4), squeeze=False)
+    for ax, (_, part, title, metric, n_label) in zip(axes[0], parts):
+        k = part["keep_sensitive"]
+        for order, style in (("sensitive", "o-"), ("random", "s--"), ("position", "^:")):
+            if order in k:
+                ax.plot(k["n"], k[order], style, label=ORDER_LABELS[order])
+        if "random_runs" in k:
+            ax.fill_between(k["n"], [min(r) for r in k["random_runs"]], [max(r) for r in k["random_runs"]],
+                            alpha=0.15, color="gray", label="random: min..max over seeds")
+        ax.set_xlabel(f"layers kept in high precision {n_label}")
+        ax.set_ylabel(metric + " (lower is better)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("HiF4 W4A4 error vs layers kept unquantized, by how they are chosen (held-out inputs)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(results: dict, out_dir: str) -> tuple[list[str], str | None]:
     """(written paths, None) or ([], reason) when matplotlib is missing."""
     plt = load_pyplot()
@@ -374,7 +448,7 @@ def write_plots(results: dict, out_dir: str) -> tuple[list[str], str | None]:
         return [], "plots skipped: matplotlib is not installed (pip install '.[eval]'); the tables are complete"
     written = []
     jobs = [("eval_percentile.png", plot_percentile, "tiny_wan"), ("eval_calib_size.png", plot_calib_size, "tiny_wan"),
-            ("eval_formats.png", plot_formats, "formats")]
+            ("eval_formats.png", plot_formats, "formats"), ("eval_keep.png", plot_keep, "tiny_wan")]
     for name, fn, needs in jobs:
         if needs in results:
             path = os.path.join(out_dir, name)

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,10 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import demo, wan
-from ..calibrate import CalibConfig, observe
+from ..calibrate import CalibConfig, ExpertObservation, build_state, observe
 from ..experts import HIGH, LOW
 from ..sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ..plan import W4A4Config
 from ..quantize import LayersConfig, quantize_
+from ..state import adaptive_choice
+from .keep_eval import ORDERS
 from ..smoothing import weight_absmax
 from ..stats import ChannelStats
 from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
@@ -51,6 +55,8 @@ class WanEvalConfig:
     calib_sizes: tuple[int, ...] = (1, 2, 4, 8)
     sweep_alpha: float = 0.5  # the calibration-size sweep: the paper's alpha ...
     sweep_percentiles: tuple[float, ...] = (99.9,)  # ... and percentile, against max and none
+    keep_ns: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # layers kept in high precision per expert (of 40)
+    keep_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # random orders averaged
 
     @property
     def calib_prompts(self) -> int:
@@ -59,7 +65,8 @@ class WanEvalConfig:
 
 def quick_config() -> WanEvalConfig:
     return WanEvalConfig(model=demo.DemoConfig(**{**demo.QUICK, "calib_prompts": 2, "eval_prompts": 1}),
-                         percentiles=(99.0, 99.9), alphas=(0.5,), calib_sizes=(1, 2), sweep_percentiles=(99.9,))
+                         percentiles=(99.0, 99.9), alphas=(0.5,), calib_sizes=(1, 2), sweep_percentiles=(99.9,),
+                         keep_ns=(0, 1, 2, 4), keep_seeds=(0, 1))
 
 
 def _merged(per_prompt: Sequence[dict[str, ChannelStats]], k: int) -> dict[str, ChannelStats]:
@@ -136,12 +143,16 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
         f"(percentiles {', '.join(f'{p:g}' for p in ecfg.percentiles)})")
     per_prompt: dict[tuple[str, float], list[dict[str, ChannelStats]]] = {
         (e, p): [] for e in EXPERTS for p in ecfg.percentiles}
-    for i, ctx in enumerate(calib):
-        with torch.no_grad(), _observers(reference, names, ecfg.percentiles) as stats:
-            sample_two_expert(reference[HIGH], reference[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
-                              cfg.cfg, demo.noise_seed(cfg, "calib", i), cfg.shift)
-        for key, s in stats.items():
-            per_prompt[key].append(s)
+    product = CalibConfig(percentile=cfg.percentile, alpha=cfg.alpha)  # the product's state, all prompts
+    with contextlib.ExitStack() as whole:
+        observed = {e: whole.enter_context(observe(reference[e], names[e], product)) for e in EXPERTS}
+        for i, ctx in enumerate(calib):
+            with torch.no_grad(), _observers(reference, names, ecfg.percentiles) as stats:
+                sample_two_expert(reference[HIGH], reference[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
+                                  cfg.cfg, demo.noise_seed(cfg, "calib", i), cfg.shift)
+            for key, s in stats.items():
+                per_prompt[key].append(s)
+    state = build_state({e: ExpertObservation(reference[e], observed[e]) for e in EXPERTS}, product)
     first = per_prompt[(HIGH, ecfg.percentiles[0])][0][names[HIGH][0]]  # block 0 self_attn.q, prompt 0
     tokens_per_call = first.tokens // max(1, first.calls)
     layer_stats = {k: {e: _layer_stats(reference[e], {p: _merged(per_prompt[(e, p)], k) for p in ecfg.percentiles})
@@ -186,6 +197,19 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
     sweep[Method("none").key] = {str(k): none for k in ecfg.calib_sizes}  # no statistics: independent of k
     timings["calib_size_sweep"] = time.perf_counter() - t
 
+    # ---- the product's state: adaptive statistic against fixed p99.9, and kept layers by three orders
+    t = time.perf_counter()
+    statistics = {}
+    for label, statistic in ((f"tail p{cfg.percentile:g}", None), ("adaptive", "adaptive")):
+        log(f"tiny Wan: product state, statistic {label}")
+        quantized = {e: quantize_(copy.deepcopy(reference[e]), W4A4Config(state, expert=e, statistic=statistic))
+                     for e in EXPERTS}
+        statistics[label] = _summary(evaluate(cfg, quantized, reference, ref, held_out, neg, switch, probes))
+    choices = Counter(adaptive_choice(ls) for ex in state.experts.values() for ls in ex.layers.values())
+    keep = demo.keep_sensitive(cfg, state, reference, ref, held_out, neg, switch, ecfg.keep_ns, ecfg.keep_seeds,
+                               ORDERS)
+    timings["keep_and_adaptive"] = time.perf_counter() - t
+
     acts = {}
     if with_activations:
         acts = collect_activations(cfg, reference, ref, held_out[0], neg, probes)
@@ -199,12 +223,15 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
                    "sweep_alpha": ecfg.sweep_alpha, "sweep_percentiles": list(ecfg.sweep_percentiles),
                    "held_out_prompts": cfg.eval_prompts, "switch_step": switch, "probe_steps": probes,
                    "rotation_block": block, "tokens_per_call": tokens_per_call,
+                   "keep_ns": list(ecfg.keep_ns), "keep_seeds": list(ecfg.keep_seeds),
                    "layers_per_expert": len(names[HIGH]),
                    "reference": "bf16-rounded weights, fp32 compute"},
         "tail_over_max": {f"{p:g}": sum(tail_over_max(full_stats[e], p) for e in EXPERTS) / len(EXPERTS)
                           for p in ecfg.percentiles},
         "methods": results,
         "calib_size": sweep,
+        "adaptive": {"methods": statistics, "choices": dict(choices)},
+        "keep_sensitive": keep,
         "timings_s": timings,
         "_activations": acts,  # popped by the caller (not JSON)
     }

@@ -47,6 +47,7 @@ def mods(comfy):
     return {"packed": importlib.import_module("comfyui_hifloat4.nodes.packed"),
             "adapter": importlib.import_module("comfyui_hifloat4.nodes.comfy_adapter"),
             "apply": importlib.import_module("comfyui_hifloat4.nodes.apply"),
+            "policy": importlib.import_module("comfyui_hifloat4.nodes.policy"),
             "state": importlib.import_module("hifloat4.state"),
             "export": importlib.import_module("hifloat4.export"),
             "checkpoint": importlib.import_module("hifloat4.checkpoint")}
@@ -72,10 +73,10 @@ def run(comfy, patcher, seed=0):
         return patcher.model.apply_model(x, t, c_crossattn=ctx)
 
 
-def applied(mods, model, state_path):
+def applied(mods, model, state_path, **choices):
     """Apply's MODEL (a node returning a UI warning returns {"ui", "result"})."""
     with torch.inference_mode():
-        out = mods["apply"].HiF4ApplyW4A4().apply(model, mods["state"].load_state(state_path), HIGH)
+        out = mods["apply"].HiF4ApplyW4A4().apply(model, mods["state"].load_state(state_path), HIGH, **choices)
     return (out["result"] if isinstance(out, dict) else out)[0]
 
 
@@ -199,6 +200,34 @@ def test_save_node_writes_the_same_model_as_the_cli(comfy, mods, files, load_une
                        run(comfy, mods["adapter"].load_packed_model(str(files["packed"]))))
     again = mods["packed"].HiF4SaveModel().save(load_unet(T2V_HIGH), state, HIGH, "hif4/t2v_high")
     assert again["ui"]["hifloat4_models"][0]["filename"] == "t2v_high_00002.safetensors"
+
+
+TUNED = {"alpha": 0.3, "statistic": "adaptive", "keep_high_precision": 3}
+
+
+def test_save_with_tuned_choices_writes_the_model_apply_runs_with_them(comfy, mods, files, load_unet, diffusion_dir):
+    state = mods["state"].load_state(files["state"])
+    out = mods["packed"].HiF4SaveModel().save(load_unet(T2V_HIGH), state, "auto", "hif4/tuned", **TUNED)
+    saved = diffusion_dir / "hif4" / out["ui"]["hifloat4_models"][0]["filename"]
+    assert len(mods["checkpoint"].load_hif4_checkpoint(saved).kept) == 3
+    assert any("kept unquantized" in t for t in out["ui"]["text"])
+    tuned = applied(mods, load_unet(T2V_HIGH), files["state"], **TUNED)
+    plain = applied(mods, load_unet(T2V_HIGH), files["state"])
+    packed = mods["adapter"].load_packed_model(str(saved))
+    assert torch.equal(run(comfy, packed), run(comfy, tuned))
+    assert not torch.equal(run(comfy, tuned), run(comfy, plain))
+
+
+def test_apply_names_the_layers_it_keeps_in_high_precision(comfy, mods, files, load_unet):
+    state = mods["state"].load_state(files["state"])
+    with torch.inference_mode():
+        out = mods["apply"].HiF4ApplyW4A4().apply(load_unet(T2V_HIGH), state, HIGH, keep_high_precision=2)
+    plan = mods["adapter"].plan_for(load_unet(T2V_HIGH), mods["policy"].w4a4_config(state, HIGH, keep_high_precision=2))
+    (text,) = out["ui"]["text"]
+    assert len(plan.kept) == 2 and all(n in text for n in plan.kept) and "MB" in text
+    patched = {k for k in out["result"][0].object_patches if k.endswith(".forward")}
+    assert all(f"diffusion_model.{n}.forward" not in patched for n in plan.kept)
+    assert len(patched) == len(plan.layers)
 
 
 def test_save_node_packs_an_fp8_scaled_model_like_the_cli(comfy, mods, files, load_unet, diffusion_dir):

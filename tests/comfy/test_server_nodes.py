@@ -47,9 +47,12 @@ def test_nodes_register_with_the_contract_inputs(server):
         assert set(info[name]["input"]["required"]) == required
     calib = info["HiF4CalibrateWan22"]
     assert calib["output_node"] and calib["output"] == ["PTQ_STATE"]
-    assert set(calib["input"]["optional"]) == {"model_low_noise", "clip", "extra_prompts"}
+    assert set(calib["input"]["optional"]) == {"model_low_noise", "clip", "extra_prompts", "rotation",
+                                               "rotation_block"}
     assert info["HiF4LoadPTQState"]["output"] == ["PTQ_STATE"]
     assert info["HiF4ApplyW4A4"]["output"] == ["MODEL"]
+    choices = {"alpha", "statistic", "rotation", "rotation_block", "keep_high_precision"}
+    assert set(info["HiF4ApplyW4A4"]["input"]["optional"]) == set(info["HiF4SaveModel"]["input"]["optional"]) == choices
     assert info["HiF4ApplyW4A4"]["input"]["required"]["expert"][0] == ["auto", "high_noise", "low_noise", "single"]
     assert calib["input"]["required"]["sampler_name"][0] == info["KSampler"]["input"]["required"]["sampler_name"][0]
 
