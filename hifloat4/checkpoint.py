@@ -44,7 +44,7 @@ from .linear import MASK_NAME
 from .packed_linear import PackedHiF4Linear
 from .packing import BYTES_PER_GROUP, PackedHiF4
 from .rotation import Rotation
-from .safefile import HiF4FileError, few, loads_json, read_header
+from .safefile import HiF4FileError, check_fields, few, loads_json, read_header
 
 FORMAT_NAME = "hifloat4-packed-wan"
 FORMAT_VERSION = 2  # written; READ_VERSIONS are read
@@ -138,16 +138,7 @@ def _check_metadata(meta) -> None:
     if not _is_int(meta.get("format_version")) or meta["format_version"] not in READ_VERSIONS:
         raise HiF4CheckpointError(f"unsupported HiF4 checkpoint version {meta.get('format_version')!r}; "
                                   f"this tool reads versions {', '.join(map(str, READ_VERSIONS))}")
-    types = _META_TYPES | (_V2_META_TYPES if meta["format_version"] >= 2 else {})
-    missing, unknown = set(types) - set(meta), set(meta) - set(types)
-    if missing:
-        raise HiF4CheckpointError(f"metadata fields missing: {few(missing)}")
-    if unknown:
-        raise HiF4CheckpointError(f"unknown metadata fields: {few(unknown)}")
-    for key, typ in types.items():
-        if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
-            raise HiF4CheckpointError(f"metadata field {key!r} has type {type(meta[key]).__name__}, "
-                                      f"expected {typ.__name__}")
+    check_fields(meta, _META_TYPES | (_V2_META_TYPES if meta["format_version"] >= 2 else {}), HiF4CheckpointError)
     if meta["group_size"] != GROUP_SIZE or meta["bytes_per_group"] != BYTES_PER_GROUP:
         raise HiF4CheckpointError(f"group layout {meta['group_size']}/{meta['bytes_per_group']} bytes is not "
                                   f"HiF4's {GROUP_SIZE}/{BYTES_PER_GROUP}")

@@ -23,7 +23,7 @@ from .format import GROUP_SIZE
 from .linear import LayerQuant
 from .packing import BYTES_PER_GROUP
 
-ROTATIONS = ("off", "hadamard")  # besides None: as calibrated
+ROTATIONS = hrotation.SETTINGS  # besides None: as calibrated
 MAX_ROTATION_BLOCK = hstate.MAX_ROTATION_BLOCK
 
 
@@ -111,9 +111,7 @@ def _rotation(config: W4A4Config, state: hstate.PTQState) -> hrotation.Rotation 
     (rounded down to a power of two; each layer then fits it to its in-features)."""
     if config.rotation is None:
         return hrotation.from_meta(state.rotation)
-    if config.rotation == "off":
-        return None
-    return hrotation.Rotation(block=1 << (config.rotation_block.bit_length() - 1))
+    return hrotation.from_setting(config.rotation, config.rotation_block)
 
 
 def rank_by_sensitivity(sensitivity: Mapping[str, float]) -> list[str]:

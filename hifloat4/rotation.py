@@ -73,6 +73,24 @@ def for_layer(rotation: Rotation | None, in_features: int) -> Rotation | None:
     return Rotation(block=fit_block(in_features, rotation.block), seed=rotation.seed)
 
 
+def hadamard(block: int) -> Rotation:
+    """The model-wide rotation a user's block setting asks for: the largest power of two
+    <= block, seed 0 (each layer then gets `for_layer` of it)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"rotation block must be an int >= 1, got {block!r}")
+    return Rotation(block=1 << (block.bit_length() - 1))
+
+
+SETTINGS = ("off", "hadamard")  # what a user picks (nodes, CLI, W4A4Config)
+
+
+def from_setting(setting: str, block: int) -> Rotation | None:
+    """The model-wide rotation of a user setting: "off" -> None, "hadamard" -> hadamard(block)."""
+    if setting not in SETTINGS:
+        raise ValueError(f"rotation must be one of {SETTINGS}, got {setting!r}")
+    return None if setting == "off" else hadamard(block)
+
+
 def to_meta(rotation: Rotation | None) -> dict | None:
     """The JSON form stored in PTQ states and checkpoints: {"block", "seed"} or null."""
     return None if rotation is None else {"block": rotation.block, "seed": rotation.seed}

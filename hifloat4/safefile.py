@@ -31,7 +31,7 @@ import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import BinaryIO
 
 import numpy as np
@@ -168,6 +168,20 @@ def loads_json(raw: str | bytes, error: type[HiF4FileError], what: str, max_byte
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise error(f"{what}: {reason}") from None
+
+
+def check_fields(meta: dict, types: Mapping[str, type | tuple[type, ...]], error: type[HiF4FileError]) -> None:
+    """A metadata object has exactly these keys, each of its type (a bool is never an int
+    or float here): the shared first check of every file format's metadata."""
+    missing, unknown = set(types) - set(meta), set(meta) - set(types)
+    if missing:
+        raise error(f"metadata fields missing: {few(missing)}")
+    if unknown:
+        raise error(f"unknown metadata fields: {few(unknown)}")
+    for key, typ in types.items():
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            names = "/".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+            raise error(f"metadata field {key!r} has type {type(meta[key]).__name__}, expected {names}")
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -45,7 +45,8 @@ from hifloat4 import wan
 from hifloat4.rotation import Rotation
 from hifloat4.smoothing import STATISTICS, MaskConfig, channel_mask
 from hifloat4.stats import ADAPTIVE_PERCENTILES
-from hifloat4.safefile import HiF4FileError, atomic_file, few, loads_json, parse_header, read_regular, safe_output_path
+from hifloat4.safefile import (HiF4FileError, atomic_file, check_fields, few, loads_json, parse_header, read_regular,
+                               safe_output_path)
 
 FORMAT_NAME = "hifloat4-ptq"
 FORMAT_VERSION = 2  # what a calibration writes; READABLE_VERSIONS are what load accepts
@@ -272,15 +273,7 @@ def _check_metadata(meta) -> None:
     if meta.get("format_version") not in READABLE_VERSIONS or not _is_int(meta.get("format_version")):
         raise PTQStateError(f"unsupported format version {meta.get('format_version')!r}, "
                             f"this tool reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    missing, unknown = set(_TYPES) - set(meta), set(meta) - set(_TYPES)
-    if missing:
-        raise PTQStateError(f"metadata fields missing: {few(missing)}")
-    if unknown:
-        raise PTQStateError(f"unknown metadata fields: {few(unknown)}")
-    for key, types in _TYPES.items():
-        if not isinstance(meta[key], types) or isinstance(meta[key], bool):
-            raise PTQStateError(f"metadata field {key!r} has type {type(meta[key]).__name__}, "
-                                f"expected {'/'.join(t.__name__ for t in types)}")
+    check_fields(meta, _TYPES, PTQStateError)
     if not (_is_number(meta["alpha"]) and 0.0 <= meta["alpha"] <= 1.0):
         raise PTQStateError(f"alpha must be in [0, 1], got {meta['alpha']!r}")
     if not (_is_number(meta["percentile"]) and 0.0 < meta["percentile"] <= 100.0):

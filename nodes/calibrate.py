@@ -17,7 +17,6 @@ from . import comfy_adapter as adapter
 from . import policy
 
 CATEGORY = "hifloat4"
-ROTATIONS = ("off", "hadamard")
 
 
 class HiF4CalibrateWan22:
@@ -64,7 +63,7 @@ class HiF4CalibrateWan22:
                 "extra_prompts": ("STRING", {"default": "", "multiline": True,
                                              "tooltip": "More calibration prompts, one per line, each sampled "
                                                         "in turn with the same negative."}),
-                "rotation": (list(ROTATIONS), {"default": "off",
+                "rotation": (list(hrotation.SETTINGS), {"default": "off",
                                                "tooltip": "Calibrate for the block Hadamard rotation after the "
                                                           "mask (beyond the paper); the state records it and "
                                                           "Apply uses it as calibrated."}),
@@ -99,7 +98,7 @@ class HiF4CalibrateWan22:
                 raise ValueError(f"the two experts differ: high-noise is {variant.describe()}, "
                                  f"low-noise is {low_variant.describe()}")
         config = hcalibrate.CalibConfig(percentile=float(percentile), alpha=float(alpha),
-                                        rotation=self._rotation(rotation, rotation_block))
+                                        rotation=hrotation.from_setting(rotation, rotation_block))
         texts = policy.split_prompts(extra_prompts)
         if texts and clip is None:
             raise ValueError("extra_prompts needs the clip input to encode them")
@@ -155,14 +154,6 @@ class HiF4CalibrateWan22:
         adapter.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
                             add_noise=False, force_full_denoise=True, **common)
         progress.advance(steps - switch)
-
-    @staticmethod
-    def _rotation(choice: str, block: int) -> hrotation.Rotation | None:
-        """The model-wide rotation: off, or the largest power of two <= block (each layer
-        then gets rotation.for_layer of it, as Apply does)."""
-        if choice not in ROTATIONS:
-            raise ValueError(f"rotation must be one of {ROTATIONS}, got {choice!r}")
-        return None if choice == "off" else hrotation.Rotation(block=hrotation.fit_block(1 << 30, block))
 
     @staticmethod
     def _save(state, filename_prefix) -> tuple[str, str]:

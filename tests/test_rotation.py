@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hifloat4.rotation as rotation
-from hifloat4.rotation import Rotation, fit_block, for_layer, rotate
+from hifloat4.rotation import Rotation, fit_block, for_layer, from_setting, hadamard, rotate
 
 # In-features of Wan2.2 Linears (DESIGN.md): A14B dim 5120 and ffn 13824,
 # TI2V-5B dim 3072 and ffn 14336, text_dim 4096.
@@ -163,3 +163,15 @@ def test_rotation_block_is_the_largest_power_of_two_dividing_k():
 def test_for_layer_fits_the_block_to_each_layer_and_keeps_the_seed():
     assert for_layer(Rotation(block=512, seed=3), 384) == Rotation(block=128, seed=3)
     assert for_layer(None, 384) is None
+
+
+def test_a_hadamard_setting_rounds_its_block_down_to_a_power_of_two():
+    assert hadamard(500) == Rotation(block=256, seed=0) and hadamard(512) == Rotation(block=512)
+    with pytest.raises(ValueError, match="block"):
+        hadamard(0)
+
+
+def test_a_rotation_setting_is_off_or_a_hadamard_of_the_given_block():
+    assert from_setting("off", 512) is None and from_setting("hadamard", 300) == Rotation(block=256)
+    with pytest.raises(ValueError, match="off"):
+        from_setting("givens", 512)

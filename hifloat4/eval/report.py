@@ -314,6 +314,22 @@ def load_pyplot():
     return plt
 
 
+def _style(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, title: str, path: str) -> None:
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _stat_axis(ms: dict, metric: str, percentiles: Sequence[float], alpha: float, rot: bool):
     xs, ys = [], []
     suffix = " +rot" if rot else ""
@@ -353,15 +369,8 @@ def plot_percentile(plt, results: dict, path: str) -> None:
                 ax.axhline(ms[k][metric], color="gray", linestyle=ls,
                            label="no smoothing" + (" + rotation" if rot else ""))
         ax.set_xticks(range(len(pcts) + 1), [f"p{p:g}" for p in pcts] + ["max"])
-        ax.set_xlabel("activation statistic a_c of the mask")
-        ax.set_ylabel(metric.replace("_", " "))
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("HiF4 W4A4 error vs the mask's activation statistic (lower is better)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style(ax, "activation statistic a_c of the mask", metric.replace("_", " "), title)
+    _save(plt, fig, "HiF4 W4A4 error vs the mask's activation statistic (lower is better)", path)
 
 
 def plot_calib_size(plt, results: dict, path: str) -> None:
@@ -375,15 +384,9 @@ def plot_calib_size(plt, results: dict, path: str) -> None:
             ax.plot(sizes, ys, marker="o", linestyle=":" if key == "none" else "-", label=key)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(k) for k in sizes])
-        ax.set_xlabel("calibration prompts")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"tiny Wan2.2 pair: error vs calibration-set size ({w['config']['held_out_prompts']} held-out "
-                 "prompts)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style(ax, "calibration prompts", label)
+    _save(plt, fig, f"tiny Wan2.2 pair: error vs calibration-set size ({w['config']['held_out_prompts']} held-out "
+          "prompts)", path)
 
 
 def plot_formats(plt, results: dict, path: str) -> None:
@@ -430,15 +433,8 @@ def plot_keep(plt, results: dict, path: str) -> None:
         if "random_runs" in k:
             ax.fill_between(k["n"], [min(r) for r in k["random_runs"]], [max(r) for r in k["random_runs"]],
                             alpha=0.15, color="gray", label="random: min..max over seeds")
-        ax.set_xlabel(f"layers kept in high precision {n_label}")
-        ax.set_ylabel(metric + " (lower is better)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("HiF4 W4A4 error vs layers kept unquantized, by how they are chosen (held-out inputs)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style(ax, f"layers kept in high precision {n_label}", metric + " (lower is better)", title)
+    _save(plt, fig, "HiF4 W4A4 error vs layers kept unquantized, by how they are chosen (held-out inputs)", path)
 
 
 def write_plots(results: dict, out_dir: str) -> tuple[list[str], str | None]:
