@@ -279,7 +279,6 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
     except hwan.NotWanError as e:
         raise HiF4CheckpointError(f"{source.name}: {e}") from None
     linears = hwan.linear_shapes(shapes)
-    main, _, _ = hwan.classify_layer_names(linears)
     clash = [k for k in shapes if k.endswith("." + MASK_NAME)]
     if clash:
         raise HiF4CheckpointError(f"the model already has HiF4 tensors ({few(clash)})")

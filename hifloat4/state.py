@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
-from hifloat4.smoothing import STATISTICS, MaskConfig, channel_mask
+from hifloat4.smoothing import STATISTICS, MaskConfig, activation_statistic, channel_mask
 from hifloat4.stats import ADAPTIVE_PERCENTILES
 from hifloat4.safefile import (HiF4FileError, atomic_file, check_fields, few, loads_json, parse_header, read_regular,
                                safe_output_path)
@@ -139,10 +139,18 @@ class PTQState:
 
 # --------------------------------------------------------------------------- masks
 
-def _mask(wmax: Tensor, act: Tensor, alpha: float, statistic: str) -> Tensor:
+def _mask(wmax: Tensor, act: Tensor | None, alpha: float, statistic: str) -> Tensor:
     """The stored (fp16) mask from stored statistics; `act` is unused for "none"."""
-    mask = channel_mask(wmax.float(), act.float(), MaskConfig(alpha=alpha, statistic=statistic))
+    mask = channel_mask(wmax.float(), None if act is None else act.float(),
+                        MaskConfig(alpha=alpha, statistic=statistic))
     return mask.to(FIELD_DTYPES["mask"])
+
+
+def _statistic_mask(ls: LayerState, alpha: float, statistic: str) -> Tensor:
+    """The stored mask of a tail / max / none statistic from the layer's stored statistics
+    (hifloat4.smoothing.activation_statistic says which statistic that is)."""
+    config = MaskConfig(alpha=alpha, statistic=statistic)
+    return _mask(ls.wmax, activation_statistic(ls, config), alpha, statistic)
 
 
 def _stored(t: Tensor, f: str) -> Tensor:
@@ -154,11 +162,10 @@ def make_layer_state(wmax: Tensor, absmax: Tensor, tail: Tensor, *, alpha: float
     """LayerState: statistics rounded to their storage dtype, then the mask derived
     from the rounded values (hifloat4.smoothing.channel_mask) and stored in fp16, so
     remask with the same settings reproduces it bit for bit."""
-    wmax, absmax, tail = _stored(wmax, "wmax"), _stored(absmax, "absmax"), _stored(tail, "tail")
-    return LayerState(mask=_mask(wmax, tail if statistic == "tail" else absmax, alpha, statistic),
-                      absmax=absmax, tail=tail, wmax=wmax,
-                      tails=None if tails is None else _stored(tails, "tails"),
-                      errors=None if errors is None else _stored(errors, "errors"))
+    stored = LayerState(mask=None, absmax=_stored(absmax, "absmax"), tail=_stored(tail, "tail"),  # mask: below
+                        wmax=_stored(wmax, "wmax"), tails=None if tails is None else _stored(tails, "tails"),
+                        errors=None if errors is None else _stored(errors, "errors"))
+    return dataclasses.replace(stored, mask=_statistic_mask(stored, alpha, statistic))
 
 
 def _require(ls: LayerState, field: str, what: str) -> None:
@@ -174,7 +181,7 @@ def candidate_mask(ls: LayerState, candidate: str, alpha: float) -> Tensor:
         raise PTQStateError(f"candidate must be one of {CANDIDATES}, got {candidate!r}")
     _require(ls, "tails", f"statistic {candidate!r}")
     if candidate == "max":
-        return _mask(ls.wmax, ls.absmax, alpha, "max")
+        return _statistic_mask(ls, alpha, "max")
     return _mask(ls.wmax, ls.tails[CANDIDATES.index(candidate)], alpha, "tail")
 
 
@@ -225,7 +232,7 @@ def remask(state: PTQState, alpha: float | None = None, statistic: str | None = 
     def mask(ls: LayerState) -> Tensor:
         if statistic == "adaptive":
             return candidate_mask(ls, adaptive_choice(ls), alpha)
-        return _mask(ls.wmax, ls.tail if statistic == "tail" else ls.absmax, alpha, statistic)
+        return _statistic_mask(ls, alpha, statistic)
 
     experts = {
         name: ExpertState(layers={ln: dataclasses.replace(ls, mask=mask(ls)) for ln, ls in ex.layers.items()},
