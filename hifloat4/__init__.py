@@ -6,14 +6,14 @@ Plain PyTorch; never imports ComfyUI. The stable entry points:
   quantize_(model, config)             W4A4 HiF4 in place; config: W4A4Config(load_state(path), ...)
                                        (the nodes' plan) or LayersConfig({layer: LayerQuant})
 """
-from .format import GROUP_SIZE, quantize_dequantize
+from .format import quantize_dequantize
 from .linear import HiF4Linear, LayerQuant, prepare_activation, prepare_weight
 from .packing import PackedHiF4, pack, unpack, unpack_rows
 from .plan import W4A4Config
 from .quantize import LayersConfig, quantize_
+from .spec import GROUP_SIZE
 from .state import load_state
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "GROUP_SIZE",

@@ -1,10 +1,13 @@
-"""Which HiF4 implementation runs on a device: the one place that decides.
+"""Which HiF4 implementation runs on a device: the one place that decides, and the one
+dispatch table every caller goes through (format, packing and linear never branch on
+devices or backends).
 
 Three implementations compute the same bits (tests compare them element for element):
   cpp     the C++ kernel (csrc/hif4_cpu.cpp), CPU only, built on first use;
   triton  fused Triton kernels (triton_kernels.py): CUDA (and ROCm, which torch also
           calls "cuda"), or a CPU under Triton's interpreter (TRITON_INTERPRET=1, tests);
-  torch   plain tensor ops on any device (MPS, meta, or where the others are missing).
+  torch   plain tensor ops on any device (torch_kernels.py: MPS, meta, or where the
+          others are missing).
 
 `HIFLOAT4_BACKEND=auto|cpp|triton|torch` (default auto) forces one. Auto picks cpp on
 a CPU and triton on CUDA, and falls back to torch with one warning when those cannot
@@ -17,10 +20,14 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from . import cpu_kernels
+from . import cpu_kernels, torch_kernels
+from .runtime import triton_interpreted
 
 ENV = "HIFLOAT4_BACKEND"
 CHOICES = ("auto", "cpp", "triton", "torch")
@@ -30,17 +37,31 @@ class BackendError(RuntimeError):
     """A forced backend cannot run here, or HIFLOAT4_BACKEND names no backend."""
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's implementations of the HiF4 primitives, all with the same bits.
+
+    quantize_groups(groups (n, 64) fp32/bf16/fp16, out (n, 64)): HiF4 values in out.dtype.
+    quantize_rows(rows (R, K), mask (K,) fp32 | None, divide, scale (1,) | None, out (R, K)):
+        out = Q(float32(rows) [* scale] [* or / mask]) in one pass, or None where the
+        backend has no fused transform (linear.py then composes it from quantize_groups).
+    pack_groups(groups (n, 64), data (n, 36) uint8) -> False if NaN/Inf (refused).
+    unpack_groups(data (n, 36) uint8, out (n, 64)): the values in out.dtype.
+    """
+
+    name: str
+    quantize_groups: Callable[[Tensor, Tensor], None]
+    quantize_rows: Callable[[Tensor, Tensor | None, bool, Tensor | None, Tensor], None] | None
+    pack_groups: Callable[[Tensor, Tensor], bool]
+    unpack_groups: Callable[[Tensor, Tensor], None]
+
+
 def requested() -> str:
     """The backend asked for in the environment ("auto" when unset)."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise BackendError(f"{ENV}={choice!r} is not one of {', '.join(CHOICES)}")
     return choice
-
-
-def triton_interpreted() -> bool:
-    """True when Triton runs its CPU interpreter (kernels then take CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +102,7 @@ def available(device: torch.device | str) -> list[str]:
 
 
 def for_device(device: torch.device | str) -> str:
-    """The backend that runs HiF4 on `device`: "cpp", "triton" or "torch"."""
+    """The name of the backend that runs HiF4 on `device`: "cpp", "triton" or "torch"."""
     device = torch.device(device)
     choice = requested()
     if choice != "auto":
@@ -98,3 +119,24 @@ def for_device(device: torch.device | str) -> str:
     if preferred == "triton":  # the C++ loader warns for itself
         _warn_fallback(device.type, preferred, reason)
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _table(name: str) -> Kernels:
+    if name == "torch":
+        return Kernels("torch", torch_kernels.quantize_groups, None, torch_kernels.pack_groups,
+                       torch_kernels.unpack_groups)
+    if name == "cpp":
+        ext = cpu_kernels.load()
+        return Kernels("cpp", lambda g, out: ext.quantize_dequantize_groups(g.contiguous(), out), None,
+                       lambda g, data: ext.pack_groups(g.contiguous(), data),
+                       lambda data, out: ext.unpack_groups(data.contiguous(), out))
+    from . import triton_kernels
+    return Kernels("triton", lambda g, out: triton_kernels.quantize_rows(g, out=out), triton_kernels.fused_rows,
+                   torch_kernels.pack_groups,  # packing is an export step: no Triton encoder to bytes
+                   lambda data, out: triton_kernels.decode_groups(data.contiguous(), out))
+
+
+def kernels(device: torch.device | str) -> Kernels:
+    """The dispatch table of the backend that runs HiF4 on `device` (see `for_device`)."""
+    return _table(for_device(device))

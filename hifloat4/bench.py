@@ -34,12 +34,13 @@ from . import wan
 from .calibrate import CalibConfig, calibrate
 from .checkpoint import install_checkpoint_, load_hif4_checkpoint
 from .export import SafetensorsSource, export_expert
-from .format import GROUP_SIZE, quantize_dequantize
-from .plan import W4A4Config
-from .quantize import quantize_
+from .format import quantize_dequantize
 from .naive import naive_quantize_dequantize
 from .packed_linear import resident_bytes
-from .packing import BYTES_PER_GROUP, pack, unpack
+from .packing import pack, unpack
+from .plan import W4A4Config
+from .quantize import quantize_
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 from .tiny_wan import TinyWan, WanConfig, example_inputs, make_tiny_wan
 
 # Real shapes (WanModel naming); num_heads = dim // 128 as ComfyUI detects it.

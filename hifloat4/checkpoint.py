@@ -39,12 +39,12 @@ from torch import Tensor, nn
 
 from . import rotation as hrotation
 from . import wan as hwan
-from .format import GROUP_SIZE
 from .linear import MASK_NAME
 from .packed_linear import PackedHiF4Linear
-from .packing import BYTES_PER_GROUP, PackedHiF4
+from .packing import PackedHiF4
 from .rotation import Rotation
 from .safefile import HiF4FileError, check_fields, few, loads_json, read_header
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 FORMAT_NAME = "hifloat4-packed-wan"
 FORMAT_VERSION = 2  # written; READ_VERSIONS are read

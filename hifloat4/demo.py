@@ -42,13 +42,14 @@ from torch import Tensor, nn
 
 from . import wan
 from .calibrate import CalibConfig, calibrate
-from .experts import HIGH, LOW
-from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
-from .format import GROUP_SIZE, quantize_dequantize
 from .eval.keep_eval import keep_sweep
+from .experts import HIGH, LOW
+from .format import quantize_dequantize
 from .linear import HiF4Linear
 from .plan import W4A4Config, make_plan
 from .quantize import LayersConfig, quantize_
+from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from .spec import GROUP_SIZE
 from .state import PTQState, layer_nbytes, load_state, remask, save_state, sensitivity, state_nbytes
 from .tiny_wan import TinyWan, WanConfig, make_tiny_wan
 

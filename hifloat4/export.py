@@ -38,14 +38,25 @@ from . import experts as hexperts
 from . import rotation as hrotation
 from . import state as hstate
 from . import wan as hwan
-from .checkpoint import (FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ST_DTYPES, ST_NAMES, SUFFIX, WEIGHT_DTYPES,
-                         HiF4CheckpointError, check_header, codes_key, mask_key, read_hif4_header)
-from .format import GROUP_SIZE
+from .checkpoint import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    ST_DTYPES,
+    ST_NAMES,
+    SUFFIX,
+    WEIGHT_DTYPES,
+    HiF4CheckpointError,
+    check_header,
+    codes_key,
+    mask_key,
+    read_hif4_header,
+)
 from .linear import MASK_NAME
 from .packed_linear import pack_weight
-from .packing import BYTES_PER_GROUP
 from .plan import ROTATIONS, W4A4Config, make_plan, packed_nbytes
 from .safefile import HiF4FileError, atomic_file, few, read_header
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -31,10 +31,11 @@ import torch
 
 from . import backend
 from .bench import best_seconds, peak_forward_bytes
-from .format import quantize_dequantize, saturate_
+from .format import quantize_dequantize
 from .linear import LayerQuant, prepare_activation, prepare_weight
-from .quantize import LayersConfig, quantize_
 from .packed_linear import expand_weight, pack_weight
+from .quantize import LayersConfig, quantize_
+from .spec import saturate_
 from .tiny_wan import WanBlock, WanConfig, rope_angles
 
 DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"

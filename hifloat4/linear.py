@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend
-from .format import quantize_dequantize, saturate_, unit_stride_rows
+from .format import quantize_dequantize, unit_stride_rows
 from .rotation import Rotation, rotate
+from .spec import saturate_
 
 CHUNK_ELEMENTS = 1 << 22  # activation values upcast to float32 at a time (16 MiB)
 MASK_NAME = "hif4_mask"  # the mask's name in every quantized layer and in packed files
@@ -41,9 +42,9 @@ def _smooth_quantize_rows(rows: Tensor, mask: Tensor, rotation: Rotation | None,
     Without a rotation Triton fuses it into one pass over `rows`; otherwise the rows
     are upcast a chunk at a time so only a slice is ever in float32.
     """
-    if rotation is None and backend.for_device(rows.device) == "triton":
-        from . import triton_kernels
-        triton_kernels.quantize_rows(unit_stride_rows(rows), mask, divide=divide, scale=scale, out=out)
+    fused = backend.kernels(rows.device).quantize_rows
+    if rotation is None and fused is not None:
+        fused(unit_stride_rows(rows), mask, divide, scale, out)
         return
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
     for i in range(0, rows.shape[0], step):

@@ -24,10 +24,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .format import GROUP_SIZE
 from .linear import MASK_NAME, LayerQuant, w4a4_linear
-from .packing import BYTES_PER_GROUP, PackedHiF4, pack, unpack_groups_into, unpack_rows
+from .packing import PackedHiF4, pack, unpack_groups_into, unpack_rows
 from .rotation import Rotation, rotate
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 CHUNK_ELEMENTS = 1 << 22  # weight values handled at a time (16 MiB in float32)
 

@@ -19,9 +19,8 @@ from . import experts as hexperts
 from . import rotation as hrotation
 from . import state as hstate
 from . import wan as hwan
-from .format import GROUP_SIZE
 from .linear import LayerQuant
-from .packing import BYTES_PER_GROUP
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 ROTATIONS = hrotation.SETTINGS  # besides None: as calibrated
 MAX_ROTATION_BLOCK = hstate.MAX_ROTATION_BLOCK

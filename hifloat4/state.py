@@ -43,10 +43,19 @@ from torch import Tensor, nn
 
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
+from hifloat4.safefile import (
+    HiF4FileError,
+    atomic_file,
+    check_fields,
+    few,
+    loads_json,
+    parse_header,
+    read_regular,
+    safe_output_path,
+)
 from hifloat4.smoothing import STATISTICS, MaskConfig, activation_statistic, channel_mask
 from hifloat4.stats import ADAPTIVE_PERCENTILES
-from hifloat4.safefile import (HiF4FileError, atomic_file, check_fields, few, loads_json, parse_header, read_regular,
-                               safe_output_path)
+from hifloat4.version import __version__
 
 FORMAT_NAME = "hifloat4-ptq"
 FORMAT_VERSION = 2  # what a calibration writes; READABLE_VERSIONS are what load accepts
@@ -71,7 +80,6 @@ REMASK_STATISTICS: tuple[str, ...] = STATISTICS + ("adaptive",)
 FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16,
                 "tails": torch.bfloat16, "errors": torch.float32}
 SUFFIX = ".safetensors"
-TOOL_VERSION_FALLBACK = "0.1.0"
 _TAIL_SLACK = 1e-6  # tail <= absmax (and tails in order) up to float rounding of the interpolation
 MAX_ROTATION_BLOCK = 8192  # the Apply node's limit; Wan2.2's in-features take blocks up to 2048
 MAX_STATE_BYTES = 2**30  # read whole: both A14B experts are 37 MiB
@@ -85,11 +93,7 @@ class PTQStateError(HiF4FileError):
 
 
 def tool_version() -> str:
-    try:
-        import hifloat4
-        return str(getattr(hifloat4, "__version__", TOOL_VERSION_FALLBACK))
-    except Exception:  # a half-written package must not break state I/O
-        return TOOL_VERSION_FALLBACK
+    return __version__
 
 
 @dataclass

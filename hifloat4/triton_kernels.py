@@ -12,7 +12,7 @@ divides exactly, while the GPU fuses by default and has an approximate `/`. So:
   add follows them, so nothing can be contracted into an FMA), as in torch.
 * Everything after is integer arithmetic on float32 bit patterns: maxima of
   magnitudes (integer order is float order for non-negative floats), the E6M2
-  scale S and bf16 reciprocal R by binary search in format.scale_table (S comes
+  scale S and bf16 reciprocal R by binary search in spec.scale_table (S comes
   from the table index: the index *is* the E6M2 byte), level bits and codes as
   exact integer products of significands (|v| has 24 bits, R 8: < 2^32 in uint32).
 * Output values n * S * 2^(d-2) have at most 6 significant bits: the float32
@@ -35,9 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import triton_interpreted
-from .format import GROUP_SIZE, scale_table
-from .packing import BYTES_PER_GROUP
+from .runtime import triton_interpreted
+from .spec import BYTES_PER_GROUP, GROUP_SIZE, scale_table
 
 # Launch shapes: the fastest on an H200 of groups per program 2..32 x 1..8 warps. The
 # interpreter pays per program, not per value, so it gets large tiles (same bits: every
@@ -274,6 +273,11 @@ def quantize_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False
     return out
 
 
+def fused_rows(rows: Tensor, mask: Tensor | None, divide: bool, scale: Tensor | None, out: Tensor) -> None:
+    """`quantize_rows` with the signature of backend.Kernels.quantize_rows."""
+    quantize_rows(rows, mask, divide=divide, scale=scale, out=out)
+
+
 # --------------------------------------------------------------------------- packed decode
 
 @triton.jit
@@ -307,7 +311,7 @@ def _decode_groups_kernel(data_ptr, out_ptr, n_groups, data_stride, out_stride,
 def decode_groups(data: Tensor, out: Tensor) -> None:
     """(n, 36) uint8 packed groups -> out (n, 64) in out.dtype (fp16 saturating).
 
-    Bit-identical to hifloat4.packing.unpack_groups_torch. Rows may be strided.
+    Bit-identical to hifloat4.torch_kernels.unpack_groups. Rows may be strided.
     """
     if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != BYTES_PER_GROUP or data.stride(1) != 1:
         raise ValueError(f"data must be uint8 (n, {BYTES_PER_GROUP}) with unit column stride, got {data.dtype} {tuple(data.shape)}")

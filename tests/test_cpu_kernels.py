@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch.utils.file_baton import FileBaton
 
-from hifloat4 import cpu_kernels
-from hifloat4.format import quantize_groups_torch, to_groups
-from hifloat4.packing import pack_groups_torch, unpack_groups_torch
+from hifloat4 import cpu_kernels, torch_kernels
+from hifloat4.format import to_groups
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -45,7 +44,7 @@ def test_quantize_agrees_bit_for_bit(kernels, dtype):
     groups[5, 0] = -float("inf")
     a, b = torch.empty_like(groups), torch.empty_like(groups)
     kernels.quantize_dequantize_groups(groups, a)
-    quantize_groups_torch(groups, b)
+    torch_kernels.quantize_groups(groups, b)
     assert torch.equal(raw(a), raw(b))
 
 
@@ -54,7 +53,7 @@ def test_pack_agrees_byte_for_byte(kernels, dtype):
     groups = sample(dtype)
     a = torch.empty(groups.shape[0], 36, dtype=torch.uint8)
     b = torch.empty_like(a)
-    assert kernels.pack_groups(groups, a) and pack_groups_torch(groups, b)
+    assert kernels.pack_groups(groups, a) and torch_kernels.pack_groups(groups, b)
     assert torch.equal(a, b)
 
 
@@ -65,7 +64,7 @@ def test_unpack_agrees_bit_for_bit(kernels, dtype):
     a = torch.empty(data.shape[0], 64, dtype=dtype)
     b = torch.empty_like(a)
     kernels.unpack_groups(data, a)
-    unpack_groups_torch(data, b)
+    torch_kernels.unpack_groups(data, b)
     assert torch.equal(raw(a), raw(b))
 
 

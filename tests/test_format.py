@@ -9,7 +9,8 @@ import torch
 from hif4_reference import quantize_dequantize_reference, round_half_even_to_bits
 
 from hifloat4 import quantize_dequantize
-from hifloat4.format import SCALE_MAX, SCALE_MIN, group_scales, lookup_scales, scale_table
+from hifloat4.spec import SCALE_MAX, SCALE_MIN, group_scales, scale_table
+from hifloat4.torch_kernels import lookup_scales
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
 

@@ -3,13 +3,13 @@ interpreter) before any GPU is lent."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
 import pytest
 
-from hifloat4 import format as hformat
-from hifloat4 import gpucheck
+from hifloat4 import backend, gpucheck, torch_kernels
 
 
 def run_check(*args: str) -> tuple[int, dict]:
@@ -44,13 +44,13 @@ def test_the_report_has_throughput_and_block_ratios(cpu_result):
 
 
 def test_a_backend_computing_wrong_bits_fails_the_check(monkeypatch):
-    real = hformat.quantize_groups_torch
+    real = backend.kernels
 
     def off_by_one_ulp(groups, out):
-        real(groups, out)
+        torch_kernels.quantize_groups(groups, out)
         out.view(-1)[:1] = out.view(-1)[:1].nextafter(out.new_full((1,), float("inf")))
 
-    monkeypatch.setattr(hformat, "quantize_groups_torch", off_by_one_ulp)
+    monkeypatch.setattr(backend, "kernels", lambda device: dataclasses.replace(real(device), quantize_groups=off_by_one_ulp))
     code, result = run_check("--backend", "torch")
     assert code == 1 and not result["ok"]
     assert result["backends"] == ["torch"]

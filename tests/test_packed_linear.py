@@ -7,19 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, pack, prepare_weight, quantize_
+from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, cpu_kernels, pack, prepare_weight, quantize_
 from hifloat4.calibrate import CalibConfig, calibrate
-from hifloat4.plan import W4A4Config
 from hifloat4.packed_linear import (
     PackedHiF4Linear,
     expand_weight,
     pack_weight,
     resident_bytes,
 )
-from hifloat4 import cpu_kernels
-from hifloat4.packing import BYTES_PER_GROUP, PackedHiF4, unpack, unpack_groups_torch
+from hifloat4.packing import PackedHiF4, unpack
+from hifloat4.plan import W4A4Config
 from hifloat4.rotation import Rotation
+from hifloat4.spec import BYTES_PER_GROUP
 from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.torch_kernels import unpack_groups
 
 
 def weight(out_f=96, in_f=256, dtype=torch.float32, seed=0) -> torch.Tensor:
@@ -86,7 +87,7 @@ def test_torch_table_decoder_matches_the_cpp_decoder_on_every_byte_pattern(out_d
     data[:, 32] = torch.arange(255, dtype=torch.uint8).repeat_interleave(8)
     data[:8, :32] = 0x88  # -0.0 everywhere in those groups
     out, ref = (torch.empty(data.shape[0], 64, dtype=out_dtype) for _ in range(2))
-    unpack_groups_torch(data, out)
+    unpack_groups(data, out)
     kernels.unpack_groups(data, ref)
     assert torch.equal(bits(out), bits(ref))
 

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hifloat4 import pack, quantize_dequantize, unpack, unpack_rows
-from hifloat4.packing import BYTES_PER_GROUP, PackedHiF4
+from hifloat4.packing import PackedHiF4
+from hifloat4.spec import BYTES_PER_GROUP
 
 # every behaviour holds for both implementations: the C++ CPU kernel and pure torch
 pytestmark = pytest.mark.usefixtures("implementation")

@@ -12,11 +12,11 @@ import torch
 import hifloat4
 from hifloat4 import backend
 from hifloat4.linear import LayerQuant, prepare_activation, prepare_weight, w4a4_linear
-from hifloat4.packing import unpack_groups_torch
 from hifloat4.rotation import Rotation
 from hifloat4.sensitivity import TokenSample, layer_errors, relative_error
 from hifloat4.state import ERROR_KEYS, make_layer_state
 from hifloat4.stats import ChannelStats
+from hifloat4.torch_kernels import unpack_groups
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOKENS, DIM, FFN = 4096, 5120, 13824  # an A14B ffn.2 input chunk and the ffn.2 weight
@@ -69,7 +69,7 @@ def test_w4a4_linear_runs_on_meta_tensors(dtype):
 
 def test_packed_decode_runs_on_meta_tensors():
     out = torch.empty(DIM * FFN // 64, 64, dtype=torch.bfloat16, device="meta")
-    unpack_groups_torch(torch.empty(DIM * FFN // 64, 36, dtype=torch.uint8, device="meta"), out)
+    unpack_groups(torch.empty(DIM * FFN // 64, 36, dtype=torch.uint8, device="meta"), out)
     assert out.shape == (DIM * FFN // 64, 64)
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from hifloat4 import pack, triton_kernels
-from hifloat4.format import quantize_dequantize, scale_table
-from hifloat4.packing import BYTES_PER_GROUP, unpack_groups_torch
+from hifloat4.format import quantize_dequantize
+from hifloat4.spec import BYTES_PER_GROUP, scale_table
+from hifloat4.torch_kernels import unpack_groups
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
 FP16_MAX = 65504.0
@@ -281,7 +282,7 @@ def test_strided_rows_are_read_and_written_in_place():
 
 def _unpack_torch(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(data.shape[0], 64, dtype=dtype)
-    unpack_groups_torch(data, out)
+    unpack_groups(data, out)
     return out
 
 
