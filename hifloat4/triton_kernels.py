@@ -78,6 +78,7 @@ PROGRAMS_PER_SM = 16  # row-loop kernels: enough programs in flight to cover mem
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT8_CODES = 3  # out kind: int8 codes +-(n << d) and S/4 per group
+_PLANAR = 4  # out kind: planar packed rows (packing.to_planar)
 _NO_MASK, _MUL_MASK, _DIV_MASK = 0, 1, 2
 TWO_23 = tl.constexpr(8388608.0)  # 2^23: x + 2^23 rounded toward zero is 2^23 + floor(x) for 0 <= x < 2^23
 
@@ -146,7 +147,8 @@ def _at_least_pow2(x, t):
 def _decide_rz(a, m16, m8, r_bits):
     """Level bits and codes by round-toward-zero float ops (GPU only). Shapes: a (.., 8, 2, 4)
     magnitudes' bits, m16 (.., 8, 2) and m8 (.., 8) block maxima, r_bits (..) R = bf16(1/S).
-    Returns d = b8 + b16 (.., 8, 2) and the codes n (.., 8, 2, 4), as int32 and as float32.
+    Returns b8 (.., 8), d = b8 + b16 (.., 8, 2) and the codes n (.., 8, 2, 4), as int32 and
+    as float32.
 
     b8 = [V8 * R >= 4] = [mul_rz(V8, R) >= 4]: rz is monotone and 4 is a float, so the rounded
     product reaches 4 exactly when the exact one does; likewise b16 = [V16 * R * 2^-b8 >= 2] =
@@ -163,7 +165,7 @@ def _decide_rz(a, m16, m8, r_bits):
     mult = (r_bits[:, :, None, None] + ((2 - d) << 23)).to(tl.float32, bitcast=True)
     t = tl.minimum(_fma_rz(a.to(tl.float32, bitcast=True), mult[:, :, :, :, None], 0.5), 7.0)
     biased = _add_rz(t, TWO_23)  # 2^23 + n
-    return d, biased.to(tl.int32, bitcast=True) & 7, biased - TWO_23
+    return b8, d, biased.to(tl.int32, bitcast=True) & 7, biased - TWO_23
 
 
 @triton.jit
@@ -188,7 +190,7 @@ def _decide_int(a, m16, m8, r_bits):
     s_minus_1 = (149 - (r_exp[:, :, None, None] + 2 - d))[:, :, :, :, None] - (a >> 23)
     n = ((x_int >> tl.minimum(tl.maximum(s_minus_1, 0), 31).to(tl.uint32)) + 1) >> 1
     n = tl.where(s_minus_1 > 31, 0, tl.minimum(n, 7)).to(tl.int32)
-    return d, n, n.to(tl.float32)
+    return b8, d, n, n.to(tl.float32)
 
 
 @triton.jit
@@ -248,10 +250,12 @@ def _load_float32(ptr, offs, inb, IN_KIND: tl.constexpr):
 # --------------------------------------------------------------------------- quantize rows
 
 @triton.jit
-def _encode_kernel(x_ptr, out_ptr, sc_ptr, mask_ptr, scale_ptr, R, K, G, x_stride, out_stride, sc_stride,
+def _encode_kernel(x_ptr, out_ptr, sc_ptr, mask_ptr, scale_ptr, flag_ptr, R, K, G, x_stride, out_stride, sc_stride,
                    IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
                    MASK_MODE: tl.constexpr, RZ_OPS: tl.constexpr, RB: tl.constexpr, GPP: tl.constexpr):
-    """Rows of x -> HiF4 values (OUT_KIND 0..2) or int8 codes +-(n << d) and S/4 (OUT_KIND 3).
+    """Rows of x -> HiF4 values (OUT_KIND 0..2), int8 codes +-(n << d) and S/4 (OUT_KIND 3),
+    or planar packed rows (OUT_KIND 4: out_ptr the bytes, sc_ptr the same rows as int32
+    words; flag_ptr becomes 1 where an input is NaN/Inf, which packing refuses).
 
     Program (c, r) owns GPP groups of columns and loops over rows r, r + #programs, ...: the
     mask of its columns is loaded once, no index is divided. A tile is (RB rows, GPP groups,
@@ -285,11 +289,22 @@ def _encode_kernel(x_ptr, out_ptr, sc_ptr, mask_ptr, scale_ptr, R, K, G, x_strid
         m8 = tl.max(m16, axis=3)  # (RB, GPP, 8)
         idx, s_bits, r_bits = _group_scale_bits(tl.max(m8, axis=2))  # (RB, GPP)
         if RZ_OPS:
-            d, n, nf = _decide_rz(a, m16, m8, r_bits)
+            b8, d, n, nf = _decide_rz(a, m16, m8, r_bits)
         else:
-            d, n, nf = _decide_int(a, m16, m8, r_bits)
+            b8, d, n, nf = _decide_int(a, m16, m8, r_bits)
         negative = vb < 0
-        if OUT_KIND == 3:  # int8 codes 4q/S = +-(n << d), and S/4 per (group, row)
+        if OUT_KIND == 4:  # planar packed rows: code nibbles, then one word per group
+            code = tl.reshape(n | (negative.to(tl.int32) << 3), (RB, GPP * 32, 2))
+            lo, hi = tl.split(code)
+            byte_cols = tl.program_id(0) * (GPP * 32) + tl.arange(0, GPP * 32)
+            tl.store(out_ptr + rows64 * out_stride + byte_cols[None, :], (lo | (hi << 4)).to(tl.uint8),
+                     mask=in_r & (byte_cols < G * 32)[None, :])
+            b16 = tl.reshape(d - b8[:, :, :, None], (RB, GPP, 16))
+            word = (idx | (tl.sum(b8 << tl.arange(0, 8)[None, None, :], axis=2) << 8)
+                    | (tl.sum(b16 << tl.arange(0, 16)[None, None, :], axis=2) << 16))
+            tl.store(sc_ptr + rows64 * sc_stride + G * 8 + groups[None, :], word, mask=in_r & (groups < G)[None, :])
+            tl.atomic_max(flag_ptr, tl.max(tl.max(tl.reshape(nonfinite.to(tl.int32), (RB, CB)), axis=1), axis=0))
+        elif OUT_KIND == 3:  # int8 codes 4q/S = +-(n << d), and S/4 per (group, row)
             code = n << d[:, :, :, :, None]
             code = tl.reshape(tl.where(negative, -code, code), (RB, CB)).to(tl.int8)
             tl.store(out_ptr + rows64 * out_stride + cols[None, :], code, mask=in_r & (cols < G * 64)[None, :])
@@ -307,7 +322,7 @@ def _encode_kernel(x_ptr, out_ptr, sc_ptr, mask_ptr, scale_ptr, R, K, G, x_strid
 
 
 def _launch_encode(x: Tensor, out_arg: Tensor, scales: Tensor | None, mask: Tensor | None, divide: bool,
-                   scale: Tensor | None, out_kind: int, tile: tuple[int, int, int]) -> None:
+                   scale: Tensor | None, out_kind: int, tile: tuple[int, int, int], flag: Tensor | None = None) -> None:
     rows, k = x.shape
     rb, gpp, warps = tile
     g = triton.cdiv(k, GROUP_SIZE)
@@ -317,7 +332,7 @@ def _launch_encode(x: Tensor, out_arg: Tensor, scales: Tensor | None, mask: Tens
     with _device_context(x):
         _encode_kernel[_row_grid(rows, triton.cdiv(g, gpp), rb, x.device)](
             x_arg, out_arg, dummy if scales is None else scales, dummy if mask is None else mask,
-            dummy if scale is None else scale, rows, k, g, x.stride(0), out_arg.stride(0),
+            dummy if scale is None else scale, dummy if flag is None else flag, rows, k, g, x.stride(0), out_arg.stride(0),
             0 if scales is None else scales.stride(0),
             IN_KIND=_IN_KINDS[x.dtype], OUT_KIND=out_kind, HAS_SCALE=scale is not None, MASK_MODE=mode,
             RZ_OPS=RZ, RB=rb, GPP=gpp, num_warps=warps)
@@ -395,6 +410,22 @@ def encode_int8_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = Fa
     if rows and k:
         _launch_encode(x, codes, quarter, mask, divide, scale, _INT8_CODES, tile or QUANT_TILE)
     return codes, quarter
+
+
+def pack_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False, scale: Tensor | None = None,
+              tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Planar packed rows (R, 36 G) of HiF4(v), v = float32(x) [* scale] [* or / mask] as in
+    `quantize_rows`, in one pass, and a 1-element int32 flag that is 1 where v held NaN/Inf
+    (HiF4 codes cannot hold them: the caller refuses those rows; reading the flag is its
+    one host sync). `decode_rows` of the bytes gives `quantize_rows(x, ...)` exactly."""
+    mask, scale = _check_rows(x, mask, scale)
+    rows, k = x.shape
+    g = triton.cdiv(k, GROUP_SIZE)
+    planar = torch.empty(rows, g * BYTES_PER_GROUP, dtype=torch.uint8, device=x.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    if rows and k:
+        _launch_encode(x, planar, planar.view(torch.int32), mask, divide, scale, _PLANAR, tile or QUANT_TILE, flag)
+    return planar, flag
 
 
 # --------------------------------------------------------------------------- decode packed rows
@@ -496,16 +527,17 @@ def int8_rows(planar: Tensor, k: int, tile: tuple[int, int, int] | None = None) 
 # --------------------------------------------------------------------------- HiF4 x HiF4 on int8 tensor cores
 
 def _gemm_configs() -> list[triton.Config]:
-    """Tiles for the int8 GEMM: 128-wide tiles, software-pipelined loads. Each 64-wide K group
-    is one int8 MMA chain and one promotion (int32 -> float32 times the group's scales) into
-    the float32 accumulator; MAGIC selects how the int32 dot becomes a float (I2F, or an
-    integer add into a float's mantissa and one exact float subtraction)."""
+    """Tiles for the int8 GEMM: 128-wide tiles, software-pipelined loads (no register spills
+    on sm_90; 128x256 and 256x128 spill). Each 64-wide K group is one int8 MMA chain and one
+    promotion into the float32 accumulator (int32 -> float32, times the group's two scales):
+    three CUDA-core instructions per accumulator per group, which on Hopper costs more issue
+    slots than the int8 MMA itself, and on GPUs whose int8 rate is 4x their bf16 rate with
+    float32 accumulation (RTX 30/40/50) hides behind it. MAGIC=1 converts by an integer add
+    into a float's mantissa and one exact subtraction instead of I2F (measured by gpucheck)."""
     if INTERPRETED:  # one small config: the interpreter runs numpy per program
         return [triton.Config({"BM": 32, "BN": 32, "GROUP_M": 8, "MAGIC": 0}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "MAGIC": magic}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4),
-                                 (128, 64, 4, 4), (256, 128, 8, 3))
-            for magic in (0, 1)]
+    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "MAGIC": 0}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4))]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "G", "HAS_BIAS", "OUT_KIND"], cache_results=True)

@@ -329,6 +329,23 @@ def test_decode_of_planar_rows_refuses_a_width_that_is_not_k():
         triton_kernels.decode_rows(planar, torch.empty(2, 200, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_pack_rows_writes_the_planar_bytes_of_pack(dtype):
+    w = torch.cat([wide_range(6, 200, seed=42, lo=-8, hi=4), tie_heavy(2, 200, seed=43)]).to(dtype)
+    mask = torch.exp(torch.randn(200, generator=gen(44)))
+    scale = torch.tensor([0.37])
+    planar, flag = triton_kernels.pack_rows(w.to(DEVICE), mask.to(DEVICE), divide=True, scale=scale.to(DEVICE))
+    want = to_planar(pack(w.float() * scale / mask).data)
+    assert int(flag) == 0 and torch.equal(planar.cpu(), want)
+
+
+def test_pack_rows_raises_its_flag_on_nan():
+    w = wide_range(3, 128, seed=45)
+    w[2, 5] = float("nan")
+    _, flag = triton_kernels.pack_rows(w.to(DEVICE))
+    assert int(flag) == 1
+
+
 def test_planar_rows_round_trip_to_packed_rows():
     data = torch.randint(0, 256, (3, 5, BYTES_PER_GROUP), dtype=torch.uint8, generator=gen(32))
     assert torch.equal(from_planar(to_planar(data)), data)
