@@ -435,5 +435,5 @@ def install_checkpoint_(model: nn.Module, ckpt: HiF4Checkpoint) -> nn.Module:
             bias = bias.to(m.bias.dtype)
         parent, _, child = (prefix + n).rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                PackedHiF4Linear(layer.weight, layer.hif4_mask, bias, layer.rotation))
+                PackedHiF4Linear.from_packed(layer.weight, layer.hif4_mask, bias, layer.rotation))
     return model

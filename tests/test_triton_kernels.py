@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hifloat4 import pack, triton_kernels
-from hifloat4.packing import from_planar, to_planar
+from hifloat4.layout import from_planar, to_planar
 from hifloat4.format import quantize_dequantize
 from hifloat4.spec import BYTES_PER_GROUP, scale_table
 from hifloat4.torch_kernels import unpack_groups
