@@ -1,16 +1,19 @@
-"""`python -m hifloat4 {demo,inspect,bench,export,eval}`: dispatch to each tool's main(argv)."""
+"""`python -m hifloat4 {demo,inspect,bench,gpucheck,export,eval}`: dispatch to each tool's main(argv).
+
+The tools live in hifloat4.tools (export is the library's own writer, hifloat4.export).
+"""
 from __future__ import annotations
 
 import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("hifloat4.demo", "tiny Wan2.2 end to end: calibrate, save, reload, W4A4, compare"),
-    "inspect": ("hifloat4.inspect_state", "show and validate a PTQ state file"),
-    "bench": ("hifloat4.bench", "speed and memory of the HiF4 kernels on this machine"),
-    "gpucheck": ("hifloat4.gpucheck", "bit-exactness, sync-freedom, speed and memory of the GPU path"),
+    "demo": ("hifloat4.tools.demo", "tiny Wan2.2 end to end: calibrate, save, reload, W4A4, compare"),
+    "inspect": ("hifloat4.tools.inspect_state", "show and validate a PTQ state file"),
+    "bench": ("hifloat4.tools.bench", "speed and memory of the HiF4 kernels on this machine"),
+    "gpucheck": ("hifloat4.tools.gpucheck", "bit-exactness, sync-freedom, speed and memory of the GPU path"),
     "export": ("hifloat4.export", "write a Wan2.2 expert with packed HiF4 main weights"),
-    "eval": ("hifloat4.eval", "quality evaluation: tail-aware vs max vs none, formats, a real model"),
+    "eval": ("hifloat4.tools.eval", "quality evaluation: tail-aware vs max vs none, formats, a real model"),
 }
 
 

@@ -45,6 +45,7 @@ from .packing import PackedHiF4
 from .rotation import Rotation
 from .safefile import HiF4FileError, check_fields, few, loads_json, read_header
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
+from .wan_model import WanConfig, WanModel
 
 FORMAT_NAME = "hifloat4-packed-wan"
 FORMAT_VERSION = 2  # written; READ_VERSIONS are read
@@ -279,10 +280,8 @@ def _check_tensor_header(entries: Mapping[str, Entry], meta: dict) -> None:
 
 def _reference_shapes(shapes: Mapping[str, tuple[int, ...]], variant: hwan.WanVariant) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Wan transformer with these dimensions and its shape: ComfyUI's
-    WanModel layout as hifloat4.tiny_wan builds it, on the meta device (nothing
+    WanModel layout as hifloat4.wan_model builds it, on the meta device (nothing
     allocated). This is what makes the key set exact: no stray tensor rides along."""
-    from .tiny_wan import TinyWan, WanConfig  # lazy: only loaders need it
-
     if variant.layers > MAX_BLOCKS:
         raise HiF4CheckpointError(f"{variant.layers} blocks, more than {MAX_BLOCKS}")
     img = shapes.get("img_emb.proj.0.weight")
@@ -293,7 +292,7 @@ def _reference_shapes(shapes: Mapping[str, tuple[int, ...]], variant: hwan.WanVa
                         patch_size=tuple(shapes["patch_embedding.weight"][2:]),
                         img_dim=None if img is None or len(img) != 1 else img[0])
         with torch.device("meta"):
-            model = TinyWan(cfg)
+            model = WanModel(cfg)
     except (ValueError, KeyError, IndexError, RuntimeError) as e:
         raise HiF4CheckpointError(f"not a Wan transformer layout: {e}") from None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -391,7 +390,7 @@ def load_hif4_checkpoint(path: str | os.PathLike) -> HiF4Checkpoint:
 
 def install_checkpoint_(model: nn.Module, ckpt: HiF4Checkpoint) -> nn.Module:
     """Load a packed checkpoint into a Wan nn.Module of the same shapes (e.g.
-    hifloat4.tiny_wan.TinyWan, possibly built on the meta device), in place: main
+    hifloat4.wan_model.WanModel, possibly built on the meta device), in place: main
     layers become PackedHiF4Linear, every other tensor is copied in (cast to the
     parameter's dtype; meta parameters take the file's tensor as it is). The key
     sets must match exactly; nothing is changed otherwise."""

@@ -2,7 +2,7 @@
 what model this is, and a cheap fingerprint that tells two experts apart.
 
 Works on anything that names Wan's layers the original way: ComfyUI's WanModel,
-hifloat4.tiny_wan, a state dict, or a {key: shape} mapping (meta-device models
+hifloat4.wan_model, a state dict, or a {key: shape} mapping (meta-device models
 and shape-only mappings give a fingerprint without a content hash). A common key
 prefix such as "diffusion_model." or "model.diffusion_model." is found and
 stripped, so every returned name is relative to the Wan transformer root.

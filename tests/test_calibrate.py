@@ -10,16 +10,16 @@ from torch import nn
 from hifloat4 import wan
 from hifloat4.calibrate import CalibConfig, ExpertObservation, build_state, calibrate, observe
 from hifloat4.experts import HIGH, LOW
-from hifloat4.sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from hifloat4.linear import HiF4Linear
 from hifloat4.plan import W4A4Config, make_plan
 from hifloat4.quantize import quantize_
 from hifloat4.rotation import Rotation
-from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
+from hifloat4.sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from hifloat4.sensitivity import relative_error
+from hifloat4.smoothing import MaskConfig, channel_mask, weight_absmax
 from hifloat4.state import ERROR_KEYS, load_state, remask, save_state
 from hifloat4.stats import ChannelStats
-from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
 LATENT = (1, 16, 2, 8, 8)  # 32 tokens per sample: fast, and still two patches per frame axis
 

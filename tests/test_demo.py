@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from hifloat4 import demo
 from hifloat4.state import load_state
+from hifloat4.tools import demo
 
 METRICS = ("denoiser_rel_err", "denoiser_rel_err_high", "denoiser_rel_err_low", "final_latent_rel_err",
            "mean_layer_sqnr_db")

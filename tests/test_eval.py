@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hifloat4 import demo
-from hifloat4.eval import cli, methods, real_model, report
+from hifloat4.tools import demo
+from hifloat4.tools.eval import cli, methods, real_model, report
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_REAL_MODEL = all(importlib.util.find_spec(m) is not None for m in (real_model.MODULE, "sentence_transformers"))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hifloat4 import experts, wan
-from hifloat4.tiny_wan import TinyWan, WanConfig, make_tiny_wan
+from hifloat4.tools.tiny_wan import make_tiny_wan
+from hifloat4.wan_model import WanConfig, WanModel
 
 HIGH, LOW = "high_noise", "low_noise"
 
@@ -15,7 +16,7 @@ def small(variant="t2v", **kw):
 
 def meta_fingerprint(**kw) -> dict:
     with torch.device("meta"):
-        return wan.fingerprint(TinyWan(WanConfig(**kw)))
+        return wan.fingerprint(WanModel(WanConfig(**kw)))
 
 
 @pytest.fixture(scope="module")

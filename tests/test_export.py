@@ -13,14 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexp
-from hifloat4 import quantize_
+from hifloat4 import quantize_, wan
 from hifloat4 import state as hstate
 from hifloat4.calibrate import CalibConfig, calibrate
-from hifloat4 import wan
-from hifloat4.plan import W4A4Config, make_plan
 from hifloat4.packed_linear import PackedHiF4Linear, pack_weight
+from hifloat4.plan import W4A4Config, make_plan
 from hifloat4.rotation import Rotation
-from hifloat4.tiny_wan import TinyWan, example_inputs, make_tiny_wan
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.wan_model import WanModel
 
 HIGH, LOW = "high_noise", "low_noise"
 SIZE = {"dim": 128, "ffn_dim": 256, "layers": 2, "text_dim": 64}
@@ -64,13 +64,13 @@ def files(tmp_path_factory, models, ptq_state):
 
 def _install(path):
     """Into a float32 model (tensors cast from the file's bf16, as the fake-quant models)."""
-    model = TinyWan(make_tiny_wan("t2v", **SIZE).config)
+    model = WanModel(make_tiny_wan("t2v", **SIZE).config)
     return hckpt.install_checkpoint_(model, hckpt.load_hif4_checkpoint(path)).eval()
 
 
 def test_install_into_a_meta_model_keeps_the_files_dtypes_and_allocates_no_main_weights(files):
     with torch.device("meta"):
-        model = TinyWan(make_tiny_wan("t2v", **SIZE).config)
+        model = WanModel(make_tiny_wan("t2v", **SIZE).config)
     hckpt.install_checkpoint_(model, hckpt.load_hif4_checkpoint(files["packed"]))
     tensors = list(model.parameters()) + list(model.buffers())
     assert not any(t.is_meta for t in tensors)
@@ -448,7 +448,7 @@ def test_load_rejects_truncated_data(files, tmp_path):
 
 def test_install_refuses_a_model_of_other_shapes(files):
     with torch.device("meta"):
-        model = TinyWan(make_tiny_wan("t2v", dim=128, ffn_dim=384, layers=2, text_dim=64).config)
+        model = WanModel(make_tiny_wan("t2v", dim=128, ffn_dim=384, layers=2, text_dim=64).config)
     with pytest.raises(hckpt.HiF4CheckpointError, match="no Linear of the packed shape"):
         hckpt.install_checkpoint_(model, hckpt.load_hif4_checkpoint(files["packed"]))
 

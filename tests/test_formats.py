@@ -1,4 +1,4 @@
-"""The reference 4-bit formats HiF4 is compared against (hifloat4/eval/formats.py),
+"""The reference 4-bit formats HiF4 is compared against (hifloat4/tools/eval/formats.py),
 specified from their public definitions: E2M1 and E4M3 element grids, the MXFP4 E8M0
 power-of-two scale, the NVFP4 E4M3 block scale, symmetric INT4 with a bf16 scale."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hifloat4 import quantize_dequantize
-from hifloat4.eval import formats as F
+from hifloat4.tools.eval import formats as F
 
 E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 

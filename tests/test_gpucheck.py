@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from hifloat4 import backend, gpucheck, torch_kernels
+from hifloat4 import backend, torch_kernels
+from hifloat4.tools import gpucheck
 
 
 def run_check(*args: str) -> tuple[int, dict]:

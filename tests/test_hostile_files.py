@@ -23,12 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexp
-from hifloat4 import inspect_state, safefile
+from hifloat4 import safefile
 from hifloat4 import state as hstate
 from hifloat4.calibrate import CalibConfig, calibrate
 from hifloat4.plan import W4A4Config
 from hifloat4.safefile import HiF4FileError
-from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.tools import inspect_state
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
 SIZE = {"dim": 128, "ffn_dim": 256, "layers": 2, "text_dim": 64}
 HIGH = "high_noise"

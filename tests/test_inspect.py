@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hifloat4 import inspect_state
 from hifloat4.calibrate import CalibConfig, ExpertObservation, build_state, observe
 from hifloat4.state import save_state
-from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.tools import inspect_state
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
 
 def _run(argv):

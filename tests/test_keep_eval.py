@@ -1,7 +1,7 @@
-"""Specification of hifloat4.eval.keep_eval: the three orders of keeping layers and the sweep."""
+"""Specification of hifloat4.tools.eval.keep_eval: the three orders of keeping layers and the sweep."""
 import pytest
 
-from hifloat4.eval.keep_eval import ORDERS, keep_sweep, kept_layers
+from hifloat4.tools.eval.keep_eval import ORDERS, keep_sweep, kept_layers
 
 LAYERS = [f"blocks.{b}.ffn.{i}" for b in range(3) for i in (0, 2)]
 SENS = {name: float(i % 4) for i, name in enumerate(LAYERS)}  # 0 1 2 3 0 1

@@ -15,7 +15,7 @@ from hifloat4.packing import PackedHiF4, unpack
 from hifloat4.plan import W4A4Config
 from hifloat4.rotation import Rotation
 from hifloat4.spec import BYTES_PER_GROUP
-from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 from hifloat4.torch_kernels import unpack_groups
 
 
@@ -217,7 +217,7 @@ def test_packed_quantize_refuses_names_that_are_not_linear_layers():
 
 
 def test_real_wan_shapes_pack_to_28_percent_main_and_under_32_percent_whole():
-    from hifloat4.bench import REAL_MODELS, shape_bytes
+    from hifloat4.tools.bench import REAL_MODELS, shape_bytes
     a14b = shape_bytes(REAL_MODELS["Wan2.2-T2V-A14B expert"])
     main_values = 40 * (8 * 5120 * 5120 + 2 * 5120 * 13824)  # per block: 8 attention + 2 ffn projections
     assert a14b["main_layers"] == 400 and a14b["main_bf16_bytes"] == 2 * main_values
@@ -228,7 +228,7 @@ def test_real_wan_shapes_pack_to_28_percent_main_and_under_32_percent_whole():
 
 
 def test_peak_forward_bytes_sees_a_temporary_allocation():
-    from hifloat4.bench import peak_forward_bytes
+    from hifloat4.tools.bench import peak_forward_bytes
 
     def fn():
         t = torch.empty(1 << 20, dtype=torch.float32)  # 4 MiB, freed on return

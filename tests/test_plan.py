@@ -17,7 +17,7 @@ from hifloat4.packed_linear import PackedHiF4Linear
 from hifloat4.plan import Plan, make_plan
 from hifloat4.rotation import Rotation
 from hifloat4.state import PTQStateError, remask
-from hifloat4.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
 
 def tiny(expert: str = HIGH, ffn_dim: int = 384):

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from hifloat4 import state as st
 from hifloat4 import wan
-from hifloat4.state import (ExpertState, LayerState, PTQState, PTQStateError, load_state, safe_state_path,
-                            save_state, state_nbytes, validate_against_model)
-from hifloat4.tiny_wan import TinyWan, WanConfig, make_tiny_wan
+from hifloat4.state import (ExpertState, LayerState, PTQState, PTQStateError, load_state, safe_state_path, save_state,
+                            state_nbytes, validate_against_model)
+from hifloat4.tools.tiny_wan import make_tiny_wan
+from hifloat4.wan_model import WanConfig, WanModel
 
 EXPERTS = ("high_noise", "low_noise")
 
@@ -149,7 +150,7 @@ def test_a14b_pair_state_is_under_an_eighth_of_a_percent_of_the_bf16_model():
     """Version 1 (masks + statistics, 8 bytes per channel) was 0.067%; version 2's tails
     add 6 bytes per channel and the errors 20 bytes per layer: 0.117% (64 MiB)."""
     with torch.device("meta"):
-        model = TinyWan(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40))
+        model = WanModel(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40))
     shapes = wan.linear_shapes(model)
     names = wan.main_linear_names(model)
     per_expert = sum(shapes[n][1] for n in names) * 7 * 2 + len(names) * 5 * 4

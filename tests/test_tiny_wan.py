@@ -1,10 +1,11 @@
-"""Specification of hifloat4.tiny_wan: a small Wan2.2-shaped DiT with ComfyUI's naming."""
+"""Specification of hifloat4.wan_model (a Wan2.2-shaped DiT with ComfyUI's naming) and hifloat4.tools.tiny_wan."""
 import os
 
 import pytest
 import torch
 
-from hifloat4.tiny_wan import TinyWan, WanConfig, example_inputs, make_tiny_wan
+from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
+from hifloat4.wan_model import WanConfig, WanModel
 
 BLOCK_KEYS = {
     "modulation",
@@ -192,7 +193,7 @@ def test_img_dim_adds_the_wan21_i2v_image_branch():
 
 def test_real_a14b_size_builds_on_meta_device_with_14b_parameters():
     with torch.device("meta"):
-        model = TinyWan(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40))
+        model = WanModel(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40))
     n = sum(p.numel() for p in model.parameters())
     assert 14.0e9 < n < 14.5e9
     assert model.blocks[0].self_attn.q.weight.is_meta

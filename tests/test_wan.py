@@ -5,16 +5,17 @@ import pytest
 import torch
 
 from hifloat4 import wan
-from hifloat4.tiny_wan import TinyWan, WanConfig, make_tiny_wan
+from hifloat4.tools.tiny_wan import make_tiny_wan
+from hifloat4.wan_model import WanConfig, WanModel
 
 A14B = dict(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40)
 TI2V_5B = dict(dim=3072, ffn_dim=14336, num_layers=30, num_heads=24, in_dim=48, out_dim=48)
 
 
-def meta_wan(**kw) -> TinyWan:
+def meta_wan(**kw) -> WanModel:
     """A real-size Wan transformer that allocates no memory."""
     with torch.device("meta"):
-        return TinyWan(WanConfig(**kw))
+        return WanModel(WanConfig(**kw))
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def t2v_a14b():
     return meta_wan(**A14B)
 
 
-def small(variant="t2v", **kw) -> TinyWan:
+def small(variant="t2v", **kw) -> WanModel:
     """A fast tiny model for fingerprint tests."""
     return make_tiny_wan(variant, dim=128, ffn_dim=256, layers=2, text_dim=64, **kw)
 

@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import backend
+from .. import backend
+from ..format import quantize_dequantize
+from ..linear import LayerQuant, prepare_activation, prepare_weight
+from ..packed_linear import expand_weight, pack_weight
+from ..quantize import LayersConfig, quantize_
+from ..spec import saturate_
+from ..wan_model import WanBlock, WanConfig, rope_angles
 from .bench import best_seconds, peak_forward_bytes
-from .format import quantize_dequantize
-from .linear import LayerQuant, prepare_activation, prepare_weight
-from .packed_linear import expand_weight, pack_weight
-from .quantize import LayersConfig, quantize_
-from .spec import saturate_
-from .tiny_wan import WanBlock, WanConfig, rope_angles
 
-DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
+DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "hif4_reference_vectors.npz"
 MAIN_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 

@@ -30,18 +30,19 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import save_file
 
-from . import wan
-from .calibrate import CalibConfig, calibrate
-from .checkpoint import install_checkpoint_, load_hif4_checkpoint
-from .export import SafetensorsSource, export_expert
-from .format import quantize_dequantize
+from .. import wan
+from ..calibrate import CalibConfig, calibrate
+from ..checkpoint import install_checkpoint_, load_hif4_checkpoint
+from ..export import SafetensorsSource, export_expert
+from ..format import quantize_dequantize
+from ..packed_linear import resident_bytes
+from ..packing import pack, unpack
+from ..plan import W4A4Config
+from ..quantize import quantize_
+from ..spec import BYTES_PER_GROUP, GROUP_SIZE
+from ..wan_model import WanConfig, WanModel
 from .naive import naive_quantize_dequantize
-from .packed_linear import resident_bytes
-from .packing import pack, unpack
-from .plan import W4A4Config
-from .quantize import quantize_
-from .spec import BYTES_PER_GROUP, GROUP_SIZE
-from .tiny_wan import TinyWan, WanConfig, example_inputs, make_tiny_wan
+from .tiny_wan import example_inputs, make_tiny_wan
 
 # Real shapes (WanModel naming); num_heads = dim // 128 as ComfyUI detects it.
 REAL_MODELS = {
@@ -97,7 +98,7 @@ def shape_bytes(cfg: WanConfig) -> dict:
     as shipped vs packed (main Linear weights as HiF4 codes + an fp32 mask per layer,
     everything else bf16)."""
     with torch.device("meta"):
-        model = TinyWan(cfg)
+        model = WanModel(cfg)
     params = dict(model.named_parameters())
     main = wan.main_linear_names(model)
     main_values = sum(params[n + ".weight"].numel() for n in main)
@@ -167,12 +168,12 @@ def tiny_memory(repeat: int, device: torch.device) -> dict:
         files = {"bf16": os.path.getsize(src), "packed": os.path.getsize(out)}
         ckpt = load_hif4_checkpoint(out)
     with torch.device("meta"):
-        packed_shipped = install_checkpoint_(TinyWan(model.config), ckpt)  # tensors as stored in the file
+        packed_shipped = install_checkpoint_(WanModel(model.config), ckpt)  # tensors as stored in the file
     resident = {"bf16 (no quantization)": resident_bytes(shipped),
                 "fake-quant W4A4": resident_bytes(quantize_(copy.deepcopy(shipped), config)),
                 "packed W4A4": resident_bytes(packed_shipped)}
     runs = {"bf16 (no quantization)": model, "fake-quant W4A4": quantize_(copy.deepcopy(model), config),
-            "packed W4A4": install_checkpoint_(TinyWan(model.config), ckpt)}
+            "packed W4A4": install_checkpoint_(WanModel(model.config), ckpt)}
     x, t, ctx = x.to(device), t.to(device), ctx.to(device)
     rows = {}
     with torch.no_grad():

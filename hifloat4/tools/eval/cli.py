@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..format import quantize_dequantize
-from ..spec import GROUP_SIZE
+from ...format import quantize_dequantize
+from ...spec import GROUP_SIZE
 from . import format_eval, real_model, report, wan_eval
 
 

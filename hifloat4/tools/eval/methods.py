@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..linear import LayerQuant
-from ..rotation import Rotation
-from ..state import make_layer_state
+from ...linear import LayerQuant
+from ...rotation import Rotation
+from ...state import make_layer_state
 
 
 @dataclass(frozen=True)

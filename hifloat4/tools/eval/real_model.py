@@ -43,14 +43,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..calibrate import CalibConfig, LayerObservation, observe
+from ...calibrate import CalibConfig, LayerObservation, observe
+from ...linear import LayerQuant
+from ...quantize import LayersConfig, quantize_
+from ...sensitivity import layer_errors
+from ...smoothing import weight_absmax
+from ...state import LayerState, adaptive_choice, candidate_mask, make_layer_state
+from ...stats import channel_absmax, channel_percentile
 from ..demo import SQNRMeter
-from ..linear import LayerQuant
-from ..quantize import LayersConfig, quantize_
-from ..sensitivity import layer_errors
-from ..smoothing import weight_absmax
-from ..state import LayerState, adaptive_choice, candidate_mask, make_layer_state
-from ..stats import channel_absmax, channel_percentile
 from .keep_eval import ORDERS, keep_sweep
 from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
 

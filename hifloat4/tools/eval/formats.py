@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..format import quantize_dequantize as _hif4
+from ...format import quantize_dequantize as _hif4
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0

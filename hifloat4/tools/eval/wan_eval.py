@@ -29,16 +29,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .. import demo, wan
-from ..calibrate import CalibConfig, ExpertObservation, build_state, observe
-from ..experts import HIGH, LOW
-from ..sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
-from ..plan import W4A4Config
-from ..quantize import LayersConfig, quantize_
-from ..state import adaptive_choice
+from ... import wan
+from ...calibrate import CalibConfig, ExpertObservation, build_state, observe
+from ...experts import HIGH, LOW
+from ...plan import W4A4Config
+from ...quantize import LayersConfig, quantize_
+from ...sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ...smoothing import weight_absmax
+from ...state import adaptive_choice
+from ...stats import ChannelStats
+from .. import demo
 from .keep_eval import ORDERS
-from ..smoothing import weight_absmax
-from ..stats import ChannelStats
 from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
 
 EXPERTS = (HIGH, LOW)

@@ -2,7 +2,7 @@
 T2V model pair, in well under two minutes on a laptop CPU.
 
 What it does, in order (timed per phase):
-  build      two tiny Wan2.2-shaped experts (hifloat4.tiny_wan, with the outlier
+  build      two tiny Wan2.2-shaped experts (hifloat4.tools.tiny_wan, with the outlier
              channels real DiTs have), weights rounded to bf16; synthetic umT5-like
              prompt contexts: calibration prompts and separate held-out prompts
   calibrate  two-expert sampling (flow Euler, shift 5, cfg batched, switch at
@@ -40,18 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import wan
-from .calibrate import CalibConfig, calibrate
+from .. import wan
+from ..calibrate import CalibConfig, calibrate
+from ..experts import HIGH, LOW
+from ..format import quantize_dequantize
+from ..linear import HiF4Linear
+from ..plan import W4A4Config, make_plan
+from ..quantize import LayersConfig, quantize_
+from ..sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ..spec import GROUP_SIZE
+from ..state import PTQState, layer_nbytes, load_state, remask, save_state, sensitivity, state_nbytes
+from ..wan_model import WanConfig, WanModel
 from .eval.keep_eval import keep_sweep
-from .experts import HIGH, LOW
-from .format import quantize_dequantize
-from .linear import HiF4Linear
-from .plan import W4A4Config, make_plan
-from .quantize import LayersConfig, quantize_
-from .sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
-from .spec import GROUP_SIZE
-from .state import PTQState, layer_nbytes, load_state, remask, save_state, sensitivity, state_nbytes
-from .tiny_wan import TinyWan, WanConfig, make_tiny_wan
+from .tiny_wan import make_tiny_wan
 
 METHODS = ("none", "max", "tail", "tail_rotation")
 METHOD_LABELS = {"none": "W4A4, no smoothing", "max": "W4A4, max (SmoothQuant)",
@@ -139,7 +140,7 @@ def noise_seed(cfg: DemoConfig, kind: str, i: int) -> int:
     return cfg.seed * 100_000 + (0 if kind == "calib" else 50_000) + i
 
 
-def build_models(cfg: DemoConfig) -> dict[str, TinyWan]:
+def build_models(cfg: DemoConfig) -> dict[str, WanModel]:
     """Both T2V experts with their weights rounded to bf16 (what Wan2.2 ships), kept in fp32."""
     models = {}
     for expert in (HIGH, LOW):
@@ -160,7 +161,7 @@ def a14b_projection() -> dict:
     """State tensor bytes vs bf16 weights for both Wan2.2-T2V-A14B experts, from shapes
     alone (a meta-device model with the real dims; the file adds a JSON header)."""
     with torch.device("meta"):
-        model = TinyWan(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, text_dim=4096))
+        model = WanModel(WanConfig(dim=5120, ffn_dim=13824, num_layers=40, text_dim=4096))
     shapes = wan.linear_shapes(model)
     state = 2 * sum(layer_nbytes(shapes[n][1]) for n in wan.main_linear_names(model))
     weights = 2 * bf16_bytes(model)

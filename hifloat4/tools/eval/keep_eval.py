@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..plan import rank_by_sensitivity
+from ...plan import rank_by_sensitivity
 
 ORDERS = ("sensitive", "random", "position")
 Kept = dict[str, frozenset[str]]  # group -> layers kept in high precision

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .safefile import loads_json, read_header
-from .state import (CANDIDATES, FORMAT_NAME, METADATA_KEY, PTQState, PTQStateError, adaptive_choice, format_version,
-                    load_state, missing_features, sensitivity, state_nbytes)
+from ..safefile import loads_json, read_header
+from ..state import (CANDIDATES, FORMAT_NAME, METADATA_KEY, PTQState, PTQStateError, adaptive_choice, format_version,
+                     load_state, missing_features, sensitivity, state_nbytes)
 
 MOST_SENSITIVE = 10  # layers listed
 
