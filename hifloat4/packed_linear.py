@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import backend
 from .layout import from_planar, to_planar
-from .linear import MASK_NAME, LayerQuant, resolve_compute, w4a4_linear_packed
+from .linear import COMPUTE_CHOICES, MASK_NAME, LayerQuant, w4a4_linear_packed
 from .packing import PackedHiF4, pack
 from .rotation import Rotation, rotate
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
@@ -114,7 +114,8 @@ class PackedHiF4Linear(nn.Module):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, layer has {self.out_features} outputs")
         if rotation is not None:
             rotation.check(self.in_features)
-        resolve_compute(compute, torch.device("cpu"), None)  # refuses an unknown name now, not at the first call
+        if compute not in COMPUTE_CHOICES:  # refused now, not at the first call
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}, got {compute!r}")
         self.rotation = rotation
         self.compute = compute
         self.register_buffer("weight", planar.contiguous())

@@ -68,13 +68,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-# Launch shapes. Rows: (rows per iteration, groups per program, warps); each thread holds 8
-# consecutive values (one 16-byte load of bf16), a warp 4 groups of a row. The interpreter
-# pays per program and per loop step, not per value, so it gets large tiles (same bits:
-# every decision is per group, whatever the tile).
-QUANT_TILE = (64, 16, 1) if INTERPRETED else (8, 4, 4)
+# Launch shapes: (rows per loop step, groups per program, warps); each thread holds 8
+# consecutive values (one 16-byte load of bf16). Chosen by gpucheck's sweep on an H200
+# (docs/gpucheck_nvidia_h200.json). The interpreter pays per program and per loop step, not
+# per value, so it gets large tiles (same bits: every decision is per group, whatever the tile).
+QUANT_TILE = (64, 16, 1) if INTERPRETED else (4, 8, 8)
 DECODE_TILE = (64, 16, 1) if INTERPRETED else (8, 4, 4)
-PROGRAMS_PER_SM = 16  # row-loop kernels: enough programs in flight to cover memory latency
+PROGRAMS_PER_SM = 64  # row-loop kernels: enough programs in flight to cover memory latency (H200 sweep)
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT8_CODES = 3  # out kind: int8 codes +-(n << d) and S/4 per group
