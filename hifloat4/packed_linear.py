@@ -95,8 +95,9 @@ class PackedHiF4Linear(nn.Module):
 
     Buffers: `weight` uint8 (out, 36 ceil(in/64)), the planar rows of pack(rot(W / m)) (a
     packed checkpoint's `weight` (out, groups, 36) in another byte order), `hif4_mask` fp32
-    (in,), `bias` (out,) or None. `compute` is the layer's choice for
-    `linear.resolve_compute` ("auto", "simulate" or "int8").
+    (in,), `bias` (out,) or None. The state dict holds the file layout, so a layer's state
+    dict is what a packed checkpoint holds (saving and loading convert). `compute` is the
+    layer's choice for `linear.resolve_compute` ("auto", "simulate" or "int8").
     """
 
     def __init__(self, planar: Tensor, in_features: int, mask: Tensor, bias: Tensor | None = None,
@@ -135,6 +136,16 @@ class PackedHiF4Linear(nn.Module):
         planar = planar_weight(linear.weight.detach(), quant.mask, quant.rotation)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(planar, linear.in_features, quant.mask, bias, quant.rotation, compute)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = from_planar(self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].ndim == 3:  # the file layout
+            state_dict[key] = to_planar(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def packed(self) -> PackedHiF4:

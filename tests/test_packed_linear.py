@@ -152,6 +152,16 @@ def test_packed_linear_gives_its_codes_back_in_the_file_layout():
     assert torch.equal(layer.packed.data, pack_weight(w, m).data)
 
 
+def test_packed_linear_state_dict_is_the_file_layout_and_loads_back():
+    w, m = weight(), mask_for(256)
+    layer = PackedHiF4Linear.from_packed(pack_weight(w, m), m)
+    sd = layer.state_dict()
+    assert torch.equal(sd["weight"], pack_weight(w, m).data)
+    other = PackedHiF4Linear.from_packed(pack_weight(weight(seed=9), m), m)
+    other.load_state_dict(sd)
+    assert torch.equal(other.weight, layer.weight)
+
+
 def test_packed_linear_refuses_mismatched_parts():
     p = pack_weight(weight(), mask_for(256))
     with pytest.raises(ValueError, match="mask"):
