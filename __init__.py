@@ -15,7 +15,7 @@ if "folder_paths" in sys.modules:  # loaded by ComfyUI
     if _HERE not in sys.path:  # the nodes import the core as the top-level package `hifloat4`
         sys.path.append(_HERE)
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-    from .nodes.comfy_adapter import register_calib_states_folder
+    from .nodes.comfy.folders import register_calib_states_folder
 
     register_calib_states_folder(_HERE)
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 
-from . import comfy_adapter as adapter
 from . import policy
+from .comfy.progress import tell
+from .comfy.w4a4 import apply_w4a4, require_unquantized
+from .comfy.weights import plan_for
 
 CATEGORY = "hifloat4"
 
@@ -34,13 +36,11 @@ class HiF4ApplyW4A4:
                    "with the PTQ state's channel masks). Returns a new MODEL; the input stays unquantized.")
 
     def apply(self, model, ptq_state, expert, **choices):
-        if adapter.is_packed_model(model):
-            raise ValueError("this MODEL comes from a packed HiF4 checkpoint (Load HiF4 Diffusion Model): it "
-                             "already runs W4A4, so there is nothing to apply; connect it to the sampler directly")
+        require_unquantized(model, "'Apply HiFloat4 W4A4'")  # before reading its weights
         config = policy.w4a4_config(ptq_state, expert, **choices)
-        plan = adapter.plan_for(model, config)
-        out = adapter.apply_w4a4(model, plan.layers)
-        texts = [adapter.tell(plan.warning, logging.WARNING)["text"][0]] if plan.warning else []
+        plan = plan_for(model, config)
+        out = apply_w4a4(model, plan.layers)
+        texts = [tell(plan.warning, logging.WARNING)["text"][0]] if plan.warning else []
         if plan.kept or config.statistic == "adaptive":
-            texts += adapter.tell(plan.describe())["text"]
+            texts += tell(plan.describe())["text"]
         return {"ui": {"text": texts}, "result": (out,)} if texts else (out,)

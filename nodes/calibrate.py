@@ -13,8 +13,11 @@ from hifloat4 import sampling as hsampling
 from hifloat4 import state as hstate
 from hifloat4 import wan as hwan
 
-from . import comfy_adapter as adapter
 from . import policy
+from .comfy import calibration, folders
+from .comfy.progress import Progress, check_interrupt, tell
+from .comfy.w4a4 import require_unquantized
+from .comfy.weights import wan_root
 
 CATEGORY = "hifloat4"
 
@@ -39,9 +42,9 @@ class HiF4CalibrateWan22:
                                   "tooltip": "Sampling steps per prompt; use what you generate with."}),
                 "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale; use what you generate with."}),
-                "sampler_name": (adapter.sampler_names(), {
+                "sampler_name": (calibration.sampler_names(), {
                     "default": "euler", "tooltip": "Sampler, as in KSampler; use what you generate with."}),
-                "scheduler": (adapter.scheduler_names(), {
+                "scheduler": (calibration.scheduler_names(), {
                     "default": "simple", "tooltip": "Scheduler, as in KSampler; use what you generate with."}),
                 "switch_step": ("INT", {"default": -1, "min": -1, "max": 10000,
                                         "tooltip": "Step at which the low-noise expert takes over: set it to the "
@@ -88,13 +91,12 @@ class HiF4CalibrateWan22:
         high, low = model_high_noise, model_low_noise
         policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
         for m in (high, low):
-            if m is not None and (adapter.is_quantized(m) or adapter.is_packed_model(m)):
-                raise ValueError("calibrate the original model, not the output of 'Apply HiFloat4 W4A4' "
-                                 "or a packed HiF4 checkpoint")
-        variant = hwan.detect_variant(adapter.wan_root(high))
+            if m is not None:
+                require_unquantized(m, "'Calibrate Wan2.2 HiF4'")
+        variant = hwan.detect_variant(wan_root(high))
         if low is not None:
-            low_variant = hwan.detect_variant(adapter.wan_root(low))
-            if hwan.linear_shapes(adapter.wan_root(low)) != hwan.linear_shapes(adapter.wan_root(high)):
+            low_variant = hwan.detect_variant(wan_root(low))
+            if hwan.linear_shapes(wan_root(low)) != hwan.linear_shapes(wan_root(high)):
                 raise ValueError(f"the two experts differ: high-noise is {variant.describe()}, "
                                  f"low-noise is {low_variant.describe()}")
         config = hcalibrate.CalibConfig(percentile=float(percentile), alpha=float(alpha),
@@ -102,14 +104,14 @@ class HiF4CalibrateWan22:
         texts = policy.split_prompts(extra_prompts)
         if texts and clip is None:
             raise ValueError("extra_prompts needs the clip input to encode them")
-        conds = [positive] + [policy.like_main_prompt(adapter.encode_prompt(clip, t), positive) for t in texts]
+        conds = [positive] + [policy.like_main_prompt(calibration.encode_prompt(clip, t), positive) for t in texts]
 
         settings = {"prompts": len(conds), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
                     "cfg": cfg, "seed": seed, "latent_shape": list(latent_image["samples"].shape),
                     **policy.video_size(latent_image["samples"].shape)}
         if low is not None:
             boundary = hsampling.boundary_sigma(variant.kind) if switch_step == -1 else None
-            sigmas = adapter.schedule_sigmas(high, steps, sampler_name, scheduler)
+            sigmas = calibration.schedule_sigmas(high, steps, sampler_name, scheduler)
             switch = hsampling.resolve_switch_step(switch_step, sigmas, boundary)
             settings.update(switch_step=switch, boundary_sigma=boundary)
             experts = {policy.HIGH: high, policy.LOW: low}
@@ -117,12 +119,12 @@ class HiF4CalibrateWan22:
             switch = None
             experts = {policy.SINGLE: high}
 
-        progress = adapter.Progress(len(conds) * steps)
+        progress = Progress(len(conds) * steps)
         with contextlib.ExitStack() as stack:
-            sessions = {name: stack.enter_context(adapter.CalibrationSession(m, config))
+            sessions = {name: stack.enter_context(calibration.CalibrationSession(m, config))
                         for name, m in experts.items()}
             for i, cond in enumerate(conds):
-                adapter.check_interrupt()
+                check_interrupt()
                 self._sample_prompt(sessions, cond, negative, latent_image, policy.prompt_seed(seed, i), steps,
                                     cfg, sampler_name, scheduler, switch, progress)
             observed = {name: s.observation() for name, s in sessions.items()}
@@ -131,9 +133,9 @@ class HiF4CalibrateWan22:
 
         state = hcalibrate.build_state(observed, config, calibration=settings)
         name, subfolder = self._save(state, filename_prefix)
-        written = adapter.tell(f"saved PTQ state {os.path.join(adapter.STATES, subfolder, name)} ({', '.join(experts)}; "
+        written = tell(f"saved PTQ state {os.path.join(folders.STATES, subfolder, name)} ({', '.join(experts)}; "
                        f"{len(conds)} prompt(s) x {steps} steps); press R so Load PTQ State lists it")
-        return {"ui": {"hifloat4_states": [{"filename": name, "subfolder": subfolder, "type": adapter.STATES}],
+        return {"ui": {"hifloat4_states": [{"filename": name, "subfolder": subfolder, "type": folders.STATES}],
                        **written},
                 "result": (state,)}
 
@@ -143,23 +145,23 @@ class HiF4CalibrateWan22:
         common = dict(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=cond,
                       negative=negative, on_step=progress.step)
         if switch is None:
-            adapter.sample_segment(sessions[policy.SINGLE].clone, latent, seed, start_step=None, last_step=None,
-                                add_noise=True, force_full_denoise=True, **common)
+            calibration.sample_segment(sessions[policy.SINGLE].clone, latent, seed, start_step=None,
+                                       last_step=None, add_noise=True, force_full_denoise=True, **common)
             progress.advance(steps)
             return
         # KSamplerAdvanced pair: high noise keeps its leftover noise, low noise finishes
-        mid = adapter.sample_segment(sessions[policy.HIGH].clone, latent, seed, start_step=0, last_step=switch,
-                                  add_noise=True, force_full_denoise=False, **common)
+        mid = calibration.sample_segment(sessions[policy.HIGH].clone, latent, seed, start_step=0,
+                                         last_step=switch, add_noise=True, force_full_denoise=False, **common)
         progress.advance(switch)
-        adapter.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
-                            add_noise=False, force_full_denoise=True, **common)
+        calibration.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
+                                   add_noise=False, force_full_denoise=True, **common)
         progress.advance(steps - switch)
 
     @staticmethod
     def _save(state, filename_prefix) -> tuple[str, str]:
         subfolder, base = policy.split_prefix(filename_prefix)
-        root = adapter.save_dir(adapter.STATES)
-        folder = safefile.output_folder(root, subfolder, what=adapter.STATES, error=hstate.PTQStateError)
+        root = folders.save_dir(folders.STATES)
+        folder = safefile.output_folder(root, subfolder, what=folders.STATES, error=hstate.PTQStateError)
         name = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
         hstate.save_state(hstate.safe_state_path(folder, name), state)
         return name, subfolder

@@ -2,8 +2,8 @@
 4.5-bit main weights (hifloat4.export), 'Load HiF4 Diffusion Model' runs it without
 ever holding the bf16 main weights.
 
-Loading follows ComfyUI's custom-operations-at-load pattern (as ComfyUI-GGUF does),
-implemented in nodes.comfy_adapter (make_packed_operations, load_packed_model): the
+Loading follows ComfyUI's custom-operations-at-load pattern (as ComfyUI-GGUF does):
+nodes.comfy.packed_ops is the ops class, nodes.comfy.packed_loader the loader. The
 state dict handed to ComfyUI carries, for each packed layer, a meta-device
 placeholder of the logical weight shape and dtype, so model detection, parameter
 counting and dtype selection see what they would see for the unpacked file; the
@@ -24,29 +24,37 @@ import os
 from hifloat4 import checkpoint as hckpt
 from hifloat4 import safefile
 
-from . import comfy_adapter as adapter
 from . import policy
-
-log = logging.getLogger("hifloat4")
+from .comfy import folders
+from .comfy.export import export_packed
+from .comfy.packed_loader import load_packed_model
+from .comfy.progress import tell
+from .comfy.w4a4 import require_unquantized
+from .comfy.weights import plan_for
+from .file_picker import FilePicker
 
 CATEGORY = "hifloat4"
-FOLDER = adapter.MODELS
+FOLDER = folders.MODELS
 
 
 def packed_model_names() -> list[str]:
     """diffusion_models files carrying the HiF4 marker (headers only, cached; bad files skipped and logged once)."""
-    return hckpt.hif4_checkpoint_names((n, adapter.file_path(FOLDER, n)) for n in adapter.file_names(FOLDER))
+    return hckpt.hif4_checkpoint_names((n, folders.file_path(FOLDER, n)) for n in folders.file_names(FOLDER))
 
 
-def _unpicked(unet_name) -> str | None:
-    return policy.unpicked_file(unet_name, packed_model_names(), "packed HiF4 checkpoints", adapter.folders(FOLDER),
-                                "write one with Save HiF4 Model or 'python -m hifloat4 export'")
+class HiF4LoadDiffusionModel(FilePicker):
+    FOLDER = folders.MODELS
+    INPUT = "unet_name"
+    WHAT, ONE = "packed HiF4 checkpoints", "packed HiF4 checkpoint"
+    HOW_TO_MAKE = "write one with Save HiF4 Model or 'python -m hifloat4 export'"
 
+    @classmethod
+    def choices(cls) -> list[str]:
+        return packed_model_names()
 
-class HiF4LoadDiffusionModel:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"unet_name": (packed_model_names(), {
+        return {"required": {cls.INPUT: (cls.choices(), {
             "tooltip": "A packed HiF4 checkpoint in models/diffusion_models (made by 'Save HiF4 Model' or "
                        "'python -m hifloat4 export'); other files are not listed."})}}
 
@@ -58,44 +66,14 @@ class HiF4LoadDiffusionModel:
                    "LoRAs cannot be applied to it: merge them before saving.")
 
     def load(self, unet_name=None):
-        problem = _unpicked(unet_name)
-        if problem:
-            raise FileNotFoundError(problem)
-        return (adapter.load_packed_model(self._path(unet_name)),)
-
-    @staticmethod
-    def _path(unet_name) -> str:
-        path = adapter.file_path(FOLDER, unet_name) if isinstance(unet_name, str) else None
-        if path is None:
-            raise FileNotFoundError(f"{unet_name!r} not found in diffusion_models "
-                                    f"({', '.join(adapter.folders(FOLDER))})")
-        return path
+        return (load_packed_model(self.picked_path(unet_name)),)
 
     @classmethod
-    def IS_CHANGED(cls, unet_name):
-        try:
-            st = os.stat(cls._path(unet_name))
-            return f"{st.st_mtime_ns}:{st.st_size}"
-        except OSError:
-            return float("nan")
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, input_types, unet_name=None):
-        # An empty list reaches us with no unet_name at all (the frontend omits it), and ComfyUI
-        # reports a custom message only per argument it passed: input_types is always passed.
-        problem = _unpicked(unet_name)
-        if problem:
-            return problem
-        if not unet_name.lower().endswith(hckpt.SUFFIX):
-            return f"packed HiF4 checkpoints are .safetensors files, got {unet_name!r}"
-        try:
-            path = cls._path(unet_name)
-        except FileNotFoundError as e:
-            return str(e)
+    def file_problem(cls, name: str, path: str) -> str | None:
         if not hckpt.has_hif4_marker(path):
-            return (f"{unet_name} is not a packed HiF4 checkpoint (no {hckpt.METADATA_KEY!r} marker); load it with "
+            return (f"{name} is not a packed HiF4 checkpoint (no {hckpt.METADATA_KEY!r} marker); load it with "
                     "'Load Diffusion Model', or export it with 'Save HiF4 Model'")
-        return True
+        return None
 
 
 class HiF4SaveModel:
@@ -127,22 +105,18 @@ class HiF4SaveModel:
                    "'Load HiF4 Diffusion Model'.")
 
     def save(self, model, ptq_state, expert, filename_prefix, **choices):
-        if adapter.is_packed_model(model):
-            raise ValueError("this MODEL is already a packed HiF4 model; it is saved as it was loaded")
-        if adapter.is_quantized(model):
-            raise ValueError("connect the model from before 'Apply HiFloat4 W4A4': 'Save HiF4 Model' quantizes it "
-                             "itself with the PTQ state")
+        require_unquantized(model, "'Save HiF4 Model'")
         config = policy.w4a4_config(ptq_state, expert, **choices)
-        name = adapter.plan_for(model, config).expert  # refuse a wrong model before creating any folder
+        name = plan_for(model, config).expert  # refuse a wrong model before creating any folder
         subfolder, base = policy.split_prefix(filename_prefix, FOLDER)
-        folder = safefile.output_folder(adapter.save_dir(FOLDER), subfolder, what=FOLDER,
+        folder = safefile.output_folder(folders.save_dir(FOLDER), subfolder, what=FOLDER,
                                         error=hckpt.HiF4CheckpointError)
         filename = policy.state_filename(base, policy.next_counter(os.listdir(folder), base))
         path = safefile.safe_output_path(folder, filename, what="model file", suffix=hckpt.SUFFIX,
                                          error=hckpt.HiF4CheckpointError)
-        report = adapter.export_packed(model, config, path)
-        texts = [adapter.tell(w, logging.WARNING)["text"][0] for w in report.warnings]
-        texts += adapter.tell(f"saved packed HiF4 model {os.path.join(FOLDER, subfolder, filename)} ({name} expert); "
-                              "load it with Load HiF4 Diffusion Model (press R)")["text"]
+        report = export_packed(model, config, path)
+        texts = [tell(w, logging.WARNING)["text"][0] for w in report.warnings]
+        texts += tell(f"saved packed HiF4 model {os.path.join(FOLDER, subfolder, filename)} ({name} expert); "
+                      "load it with Load HiF4 Diffusion Model (press R)")["text"]
         return {"ui": {"hifloat4_models": [{"filename": filename, "subfolder": subfolder, "type": FOLDER}],
                        "text": texts + [report.summary()]}}

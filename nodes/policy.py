@@ -107,7 +107,8 @@ def state_filename(base: str, counter: int) -> str:
     return f"{base}_{counter:0{_COUNTER_DIGITS}d}{STATE_EXT}"
 
 
-def is_state_name(name) -> bool:
+def is_safetensors_name(name) -> bool:
+    """A file name the loader nodes accept (PTQ states and packed checkpoints alike)."""
     return isinstance(name, str) and name.lower().endswith(STATE_EXT)
 
 

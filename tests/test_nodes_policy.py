@@ -69,8 +69,8 @@ def test_split_prefix_refuses_names_leaving_calib_states(bad):
         policy.split_prefix(bad)
 
 
-def test_is_state_name_accepts_only_safetensors():
-    assert policy.is_state_name("a/b.safetensors") and not policy.is_state_name("b.pt")
+def test_is_safetensors_name_accepts_only_safetensors():
+    assert policy.is_safetensors_name("a/b.safetensors") and not policy.is_safetensors_name("b.pt")
 
 
 def test_video_size_of_wan21_and_wan22_latents():
@@ -95,8 +95,8 @@ def test_a_picked_name_is_left_to_the_usual_checks():
     assert policy.unpicked_file("gone.safetensors", [], "PTQ states", ["/m"], "x") is None
 
 
-def test_is_state_name_of_a_missing_value_is_false():
-    assert not policy.is_state_name(None)
+def test_is_safetensors_name_of_a_missing_value_is_false():
+    assert not policy.is_safetensors_name(None)
 
 
 def test_extra_prompt_takes_the_start_image_entries_of_the_main_prompt():

@@ -92,7 +92,7 @@ def test_one_progress_bar_spans_prompts_times_steps(nodes, pair, calib_dir, prog
 
 def test_switch_step_minus_one_comes_from_the_t2v_boundary(nodes, pair, calib_dir, progress, comfy):
     state = calibrate(nodes, pair)["result"][0]
-    sigmas = comfy["adapter"].schedule_sigmas(pair[0], 4, "euler", "simple")
+    sigmas = comfy["calibration"].schedule_sigmas(pair[0], 4, "euler", "simple")
     assert state.calibration["switch_step"] == __import__("hifloat4.sampling", fromlist=["x"]).switch_step_from_sigmas(sigmas, 0.875)
     high, low = state.calibration["sigma_range"]["high_noise"], state.calibration["sigma_range"]["low_noise"]
     assert high[0] >= 0.875 > low[1]
@@ -103,10 +103,9 @@ def test_cancel_raises_writes_no_file_and_removes_observers(nodes, pair, calib_d
     with pytest.raises(comfy["comfy.model_management"].InterruptProcessingException):
         calibrate(nodes, pair)
     assert not list(calib_dir.rglob("*.safetensors"))
-    adapter = comfy["adapter"]
     for model in pair:
-        for m in adapter.wan_root(model).modules():
-            assert not isinstance(m.__dict__.get("forward"), adapter._Observer)
+        for m in comfy["weights"].wan_root(model).modules():
+            assert not isinstance(m.__dict__.get("forward"), comfy["calibration"].Observer)
 
 
 def test_extra_prompts_without_clip_are_refused_before_sampling(nodes, pair, calib_dir, progress):

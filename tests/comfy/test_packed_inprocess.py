@@ -45,7 +45,8 @@ def files(tmp_path_factory):
 @pytest.fixture
 def mods(comfy):
     return {"packed": importlib.import_module("comfyui_hifloat4.nodes.packed"),
-            "adapter": importlib.import_module("comfyui_hifloat4.nodes.comfy_adapter"),
+            "loader": importlib.import_module("comfyui_hifloat4.nodes.comfy.packed_loader"),
+            "weights": importlib.import_module("comfyui_hifloat4.nodes.comfy.weights"),
             "apply": importlib.import_module("comfyui_hifloat4.nodes.apply"),
             "policy": importlib.import_module("comfyui_hifloat4.nodes.policy"),
             "state": importlib.import_module("hifloat4.state"),
@@ -90,14 +91,14 @@ def lora_model(comfy, model, tmp_path):
 # --------------------------------------------------------------------------- loading
 
 def test_packed_model_computes_the_apply_nodes_bits(comfy, mods, files, load_unet):
-    packed = mods["adapter"].load_packed_model(str(files["packed"]))
+    packed = mods["loader"].load_packed_model(str(files["packed"]))
     fake = applied(mods, load_unet(T2V_HIGH), files["state"])
     for seed in (0, 1):
         assert torch.equal(run(comfy, packed, seed), run(comfy, fake, seed))
 
 
 def test_packed_model_holds_codes_not_the_unpacked_main_weights(comfy, mods, files, load_unet):
-    packed = mods["adapter"].load_packed_model(str(files["packed"]))
+    packed = mods["loader"].load_packed_model(str(files["packed"]))
     plain = load_unet(T2V_HIGH)
     root = packed.model.diffusion_model
     q = root.blocks[0].ffn[0]
@@ -105,7 +106,7 @@ def test_packed_model_holds_codes_not_the_unpacked_main_weights(comfy, mods, fil
     assert root.head.head.weight.dtype == plain.model.diffusion_model.head.head.weight.dtype
     shapes = {tuple(t.shape) for t in list(root.parameters()) + list(root.buffers()) if t.is_floating_point()}
     assert (512, 256) not in shapes and (256, 512) not in shapes  # no float tensor of an ffn weight's shape
-    assert len(mods["adapter"].packed_layer_names(packed)) == 40
+    assert len(mods["loader"].packed_layer_names(packed)) == 40
     assert packed.model_size() < 0.5 * plain.model_size()
 
 
@@ -117,7 +118,7 @@ def test_loader_refuses_a_checkpoint_missing_a_model_tensor(comfy, mods, files, 
         meta = f.metadata()
     save_file(t, str(tmp_path / "holey.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="missing blocks.1.norm3.weight"):  # the core's exact key set
-        mods["adapter"].load_packed_model(str(tmp_path / "holey.safetensors"))
+        mods["loader"].load_packed_model(str(tmp_path / "holey.safetensors"))
 
 
 def test_loader_refuses_a_checkpoint_with_an_extra_tensor(comfy, mods, files, tmp_path):
@@ -129,7 +130,7 @@ def test_loader_refuses_a_checkpoint_with_an_extra_tensor(comfy, mods, files, tm
     t["evil.weight"] = torch.zeros(1 << 20)
     save_file(t, str(tmp_path / "evil.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="unexpected evil.weight"):
-        mods["adapter"].load_packed_model(str(tmp_path / "evil.safetensors"))
+        mods["loader"].load_packed_model(str(tmp_path / "evil.safetensors"))
 
 
 def test_loader_lists_only_marked_files_and_validates_names(comfy, mods, files, diffusion_dir):
@@ -144,24 +145,24 @@ def test_loader_lists_only_marked_files_and_validates_names(comfy, mods, files, 
     assert "not found" in node.VALIDATE_INPUTS(input_types={}, unet_name="../../" + files["packed"].name)
     assert "are .safetensors files" in node.VALIDATE_INPUTS(input_types={}, unet_name="x.ckpt")
     model = node().load("hif4/mine.safetensors")[0]
-    assert mods["adapter"].is_packed_model(model)
+    assert mods["loader"].is_packed_model(model)
 
 
 # --------------------------------------------------------------------------- refusals
 
 def test_lora_on_a_packed_model_is_refused_with_a_clear_message(comfy, mods, files, tmp_path):
-    packed = mods["adapter"].load_packed_model(str(files["packed"]))
+    packed = mods["loader"].load_packed_model(str(files["packed"]))
     with_lora = lora_model(comfy, packed, tmp_path)
     assert any(with_lora.patches.values())  # ComfyUI accepted the LoRA keys ...
     with pytest.raises(ValueError, match="LoRA .* not supported.*Save HiF4 Model"):
-        mods["adapter"].check_packed_model(with_lora)  # ... our PREPARE_SAMPLING wrapper refuses them
+        mods["loader"].check_packed_model(with_lora)  # ... our PREPARE_SAMPLING wrapper refuses them
     wrappers = with_lora.wrappers["prepare_sampling"]
-    assert mods["adapter"].guard_wrapper in wrappers[mods["adapter"].PACKED_KEY]
-    mods["adapter"].check_packed_model(packed)  # the original stays usable
+    assert mods["loader"].guard_wrapper in wrappers[mods["loader"].PACKED_KEY]
+    mods["loader"].check_packed_model(packed)  # the original stays usable
 
 
 def test_lowvram_weight_functions_are_refused_in_the_forward(comfy, mods, files):
-    packed = mods["adapter"].load_packed_model(str(files["packed"]))
+    packed = mods["loader"].load_packed_model(str(files["packed"]))
     layer = packed.model.diffusion_model.blocks[0].ffn[0]
     layer.weight_function = [lambda w: w]
     try:
@@ -172,18 +173,18 @@ def test_lowvram_weight_functions_are_refused_in_the_forward(comfy, mods, files)
 
 
 def test_apply_on_a_packed_model_is_refused_before_sampling(comfy, mods, files):
-    packed = mods["adapter"].load_packed_model(str(files["packed"]))
+    packed = mods["loader"].load_packed_model(str(files["packed"]))
     state = mods["state"].load_state(files["state"])
     with pytest.raises(ValueError, match="packed HiF4 checkpoint"), torch.inference_mode():
         mods["apply"].HiF4ApplyW4A4().apply(packed, state, HIGH)
 
 
 def test_object_patches_on_packed_layers_are_refused(comfy, mods, files):
-    packed = mods["adapter"].load_packed_model(str(files["packed"]))
+    packed = mods["loader"].load_packed_model(str(files["packed"]))
     clone = packed.clone()
     clone.add_object_patch("diffusion_model.blocks.0.ffn.0.forward", lambda x: x)
     with pytest.raises(ValueError, match="blocks.0.ffn.0"):
-        mods["adapter"].check_packed_model(clone)
+        mods["loader"].check_packed_model(clone)
 
 
 # --------------------------------------------------------------------------- saving
@@ -196,8 +197,8 @@ def test_save_node_writes_the_same_model_as_the_cli(comfy, mods, files, load_une
     saved = diffusion_dir / "hif4" / "t2v_high_00001.safetensors"
     a, b = mods["checkpoint"].load_hif4_checkpoint(saved), mods["checkpoint"].load_hif4_checkpoint(files["packed"])
     assert all(torch.equal(a.layers[n].weight.data, b.layers[n].weight.data) for n in b.layers)
-    assert torch.equal(run(comfy, mods["adapter"].load_packed_model(str(saved))),
-                       run(comfy, mods["adapter"].load_packed_model(str(files["packed"]))))
+    assert torch.equal(run(comfy, mods["loader"].load_packed_model(str(saved))),
+                       run(comfy, mods["loader"].load_packed_model(str(files["packed"]))))
     again = mods["packed"].HiF4SaveModel().save(load_unet(T2V_HIGH), state, HIGH, "hif4/t2v_high")
     assert again["ui"]["hifloat4_models"][0]["filename"] == "t2v_high_00002.safetensors"
 
@@ -213,7 +214,7 @@ def test_save_with_tuned_choices_writes_the_model_apply_runs_with_them(comfy, mo
     assert any("kept unquantized" in t for t in out["ui"]["text"])
     tuned = applied(mods, load_unet(T2V_HIGH), files["state"], **TUNED)
     plain = applied(mods, load_unet(T2V_HIGH), files["state"])
-    packed = mods["adapter"].load_packed_model(str(saved))
+    packed = mods["loader"].load_packed_model(str(saved))
     assert torch.equal(run(comfy, packed), run(comfy, tuned))
     assert not torch.equal(run(comfy, tuned), run(comfy, plain))
 
@@ -222,7 +223,7 @@ def test_apply_names_the_layers_it_keeps_in_high_precision(comfy, mods, files, l
     state = mods["state"].load_state(files["state"])
     with torch.inference_mode():
         out = mods["apply"].HiF4ApplyW4A4().apply(load_unet(T2V_HIGH), state, HIGH, keep_high_precision=2)
-    plan = mods["adapter"].plan_for(load_unet(T2V_HIGH), mods["policy"].w4a4_config(state, HIGH, keep_high_precision=2))
+    plan = mods["weights"].plan_for(load_unet(T2V_HIGH), mods["policy"].w4a4_config(state, HIGH, keep_high_precision=2))
     (text,) = out["ui"]["text"]
     assert len(plan.kept) == 2 and all(n in text for n in plan.kept) and "MB" in text
     patched = {k for k in out["result"][0].object_patches if k.endswith(".forward")}
@@ -245,7 +246,7 @@ def test_save_node_packs_an_fp8_scaled_model_like_the_cli(comfy, mods, files, lo
     assert all(torch.equal(a.layers[n].weight.data, b.layers[n].weight.data) for n in b.layers)
     # the other tensors are those ComfyUI runs, dequantized exactly, so the file computes what Apply on the
     # same MODEL computes, up to rounding order (0.3.64's scaled fp8 op scales the input instead of the weight)
-    got = run(comfy, mods["adapter"].load_packed_model(str(diffusion_dir / "fp8_00001.safetensors")))
+    got = run(comfy, mods["loader"].load_packed_model(str(diffusion_dir / "fp8_00001.safetensors")))
     want = run(comfy, applied(mods, load_unet(fp8), files["state"]))
     assert (got - want).norm() / want.norm() < 1e-5
 
@@ -255,7 +256,7 @@ def test_save_node_merges_a_lora_before_quantization(comfy, mods, files, load_un
     base = load_unet(T2V_HIGH)
     with_lora = lora_model(comfy, base, tmp_path)
     mods["packed"].HiF4SaveModel().save(with_lora, state, HIGH, "lora_merged")
-    packed = mods["adapter"].load_packed_model(str(diffusion_dir / "lora_merged_00001.safetensors"))
+    packed = mods["loader"].load_packed_model(str(diffusion_dir / "lora_merged_00001.safetensors"))
     fake = applied(mods, with_lora, files["state"])
     plain = applied(mods, base, files["state"])
     assert torch.equal(run(comfy, packed), run(comfy, fake))
@@ -266,7 +267,7 @@ def test_save_node_refuses_packed_applied_and_escaping_names(comfy, mods, files,
     state = mods["state"].load_state(files["state"])
     node = mods["packed"].HiF4SaveModel()
     with pytest.raises(ValueError, match="already a packed HiF4 model"):
-        node.save(mods["adapter"].load_packed_model(str(files["packed"])), state, HIGH, "x")
+        node.save(mods["loader"].load_packed_model(str(files["packed"])), state, HIGH, "x")
     with pytest.raises(ValueError, match="before 'Apply HiFloat4 W4A4'"):
         node.save(applied(mods, load_unet(T2V_HIGH), files["state"]), state, HIGH, "x")
     for prefix in ("../escape", "/abs/x", "sub/../../x"):
@@ -311,3 +312,13 @@ def test_loader_list_skips_a_fifo_and_a_hostile_header(comfy, mods, files, diffu
     assert node.INPUT_TYPES()["required"]["unet_name"][0] == ["mine.safetensors"]
     assert "not a packed HiF4 checkpoint" in node.VALIDATE_INPUTS(input_types={}, unet_name="deep.safetensors")
     assert node.VALIDATE_INPUTS(input_types={}, unet_name="pipe.safetensors") is not True
+
+
+def test_calibrate_refuses_a_packed_or_applied_model_naming_itself(comfy, mods, files, load_unet):
+    node = importlib.import_module("comfyui_hifloat4.nodes.calibrate").HiF4CalibrateWan22()
+    for model in (mods["loader"].load_packed_model(str(files["packed"])),
+                  applied(mods, load_unet(T2V_HIGH), files["state"])):
+        with pytest.raises(ValueError, match="'Calibrate Wan2.2 HiF4' needs an unquantized MODEL"):
+            node.calibrate(model, positive=None, negative=None, latent_image=None, seed=0, steps=1, cfg=1.0,
+                           sampler_name="euler", scheduler="simple", switch_step=-1, percentile=99.9, alpha=0.5,
+                           filename_prefix="x")

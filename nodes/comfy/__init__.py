@@ -1,0 +1,17 @@
+"""Everything that touches ComfyUI internals, one job per module; the node modules
+only declare their inputs and call these. Written against ComfyUI 0.3.64 and current
+releases (0.33): where they differ, a module detects the feature, never a version.
+
+- folders:       the model folders we read and write (calib_states registered here)
+- weights:       model access: the Wan root, its Linear ops, real-valued weights from any
+                 stored form, the effective weight (LoRA merged), the plan for a MODEL
+- w4a4:          the Apply node's W4A4: weight patch, forward patch, sampling wrappers
+- packed_ops:    the Linear ops that load and run packed HiF4 layers
+- packed_loader: a MODEL from a packed checkpoint, and the guard against patching it
+- export:        a MODEL as hifloat4.export's source (Save HiF4 Model)
+- calibration:   observers and ComfyUI's sampler for the Calibrate node
+- progress:      progress bar, cancel, and messages shown on the node
+
+Modules are shared between clones, so nothing here sets attributes on modules; each
+module is imported only inside ComfyUI (nodes/__init__.py checks for it).
+"""

@@ -1,0 +1,88 @@
+"""A ComfyUI MODEL from a packed HiF4 checkpoint, and the guard that keeps anything
+from changing its packed layers.
+
+The checkpoint is validated by hifloat4.checkpoint; ComfyUI's
+`comfy.sd.load_diffusion_model_state_dict` builds the model with packed_ops (bf16
+main weights never exist) and only logs missing keys, so every tensor of the built
+model is checked to come from the file. LoRA policy: a PREPARE_SAMPLING wrapper
+(arguments after `conds` differ between versions and pass through) refuses weight
+patches, weight hooks, weight wrappers and object patches on packed layers; patches
+on the other (high-precision) layers work as usual.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.patcher_extension
+import comfy.sd
+
+from hifloat4 import checkpoint as hckpt
+
+from .packed_ops import LORA_REFUSED, HiF4PackedOps, placeholder
+from .weights import ROOT, wan_root, weight_key
+
+log = logging.getLogger("hifloat4")
+
+PACKED_KEY = "hifloat4_packed"
+REQUANT_REFUSED = ("this MODEL is a packed HiF4 model (loaded with 'Load HiF4 Diffusion Model'); it is already "
+                   "W4A4-quantized and cannot be calibrated or quantized again. Use the original model for "
+                   "'Calibrate Wan2.2 HiF4' / 'Apply HiFloat4 W4A4'.")
+
+
+def packed_layer_names(model) -> list[str]:
+    """Names (relative to the Wan root) of the packed layers of a MODEL; [] if none."""
+    return [n for n, m in wan_root(model).named_modules() if getattr(m, "hif4", None) is not None]
+
+
+def is_packed_model(model) -> bool:
+    return bool(packed_layer_names(model))
+
+
+def check_packed_model(model) -> None:
+    """Raise ValueError if anything would change a packed layer's weight or forward."""
+    names = packed_layer_names(model)
+    weights = {weight_key(n) for n in names}
+    forwards = {f"{ROOT}{n}.": n for n in names}
+    patched = sorted(k for k in weights if model.patches.get(k))
+    patched += sorted(k for hp in model.hook_patches.values() for k in hp if k in weights)
+    patched += sorted(k for k in weights if getattr(model, "weight_wrapper_patches", {}).get(k))
+    if patched:
+        raise ValueError(f"{LORA_REFUSED}\nPatched packed layers: {', '.join(p[len(ROOT):-7] for p in patched[:3])}"
+                         + (f" and {len(patched) - 3} more" if len(patched) > 3 else ""))
+    touched = sorted(k for k in model.object_patches if k.rpartition(".")[0] + "." in forwards)
+    if touched:
+        raise ValueError(f"{REQUANT_REFUSED}\n(object patches on {touched[0][len(ROOT):]}"
+                         + (f" and {len(touched) - 1} more)" if len(touched) > 1 else ")"))
+
+
+def guard_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper of packed models: runs before ComfyUI loads/patches them
+    (the arguments after `conds` differ between ComfyUI versions and pass through)."""
+    check_packed_model(model)
+    return executor(model, noise_shape, conds, *args, **kwargs)
+
+
+def load_packed_model(path: str):
+    """A ComfyUI MODEL from a packed HiF4 checkpoint (validated; bf16 main weights never built)."""
+    ckpt = hckpt.load_hif4_checkpoint(path)
+    sd = dict(ckpt.tensors)
+    for name, layer in ckpt.layers.items():
+        sd[hckpt.codes_key(name)] = placeholder(layer, ckpt.weight_dtype)
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": HiF4PackedOps})
+    if model is None:
+        raise RuntimeError(f"ComfyUI could not detect the model type of {os.path.basename(path)}")
+    installed = set(packed_layer_names(model))
+    missing = [n for n in ckpt.layers if n not in installed]
+    if missing:
+        raise RuntimeError(f"{len(missing)} packed layers were not loaded (e.g. {missing[0]}): this ComfyUI built "
+                           "the Wan model with other layer names")
+    provided = set(ckpt.tensors) | {k for n in ckpt.layers for k in (hckpt.codes_key(n), hckpt.mask_key(n))}
+    absent = sorted(set(wan_root(model).state_dict()) - provided)
+    if absent:  # ComfyUI only logs missing keys; those tensors would hold uninitialized memory
+        raise RuntimeError(f"{os.path.basename(path)} lacks {len(absent)} tensors of this Wan model, e.g. {absent[0]}")
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, PACKED_KEY, guard_wrapper)
+    log.info("HiF4: loaded %s, expert %s: %d packed layers (%.1f MB codes + masks)", os.path.basename(path),
+             ckpt.expert, len(ckpt.layers),
+             sum(p.weight.nbytes + 4 * p.hif4_mask.numel() for p in ckpt.layers.values()) / 2**20)
+    return model

@@ -1,0 +1,50 @@
+"""Progress, cancel and messages a user must see: comfy.utils.ProgressBar (whose
+updates also let the server raise on a cancel), comfy.model_management's interrupt
+flag, and progress text drawn under the executing node."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.utils
+
+log = logging.getLogger("hifloat4")
+
+
+class Progress:
+    """One ProgressBar over the whole calibration; every update also lets the
+    server raise on a cancel."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+        self.base = 0
+
+    def step(self, done_in_segment: int) -> None:
+        self.bar.update_absolute(self.base + done_in_segment)
+
+    def advance(self, n: int) -> None:
+        self.base += n
+        self.bar.update_absolute(self.base)
+
+
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def tell(text: str, level: int = logging.INFO) -> dict:
+    """Messages a user must see in the browser, not only in the server log. ComfyUI's
+    frontend shows a node's "ui" output only for node types it knows, but draws every
+    progress-text message under the node that sent it (frontend 1.27 and current).
+
+    Log `text` as one line, show it on the executing node, and return the "ui"
+    entry ({"text": [text]}) for the node's return value."""
+    log.log(level, "HiF4: %s", text)
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # ComfyUI without progress text (or not running): the log line remains
+        return {"text": [text]}
+    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id, server.client_id)
+    return {"text": [text]}
