@@ -11,7 +11,7 @@ from .comfy import folders
 
 
 class FilePicker:
-    """A node with one file-list input, INPUT, listing FOLDER's files (`choices`).
+    """A node whose one input, INPUT, is a list of FOLDER's files (`choices`).
 
     Change rule (IS_CHANGED): the path the name leads to, with the file's mtime and
     size. A re-saved, replaced or re-pointed file loads again, while an unchanged one
@@ -23,10 +23,15 @@ class FilePicker:
     WHAT: ClassVar[str]  # what the files are, plural: "PTQ states"
     ONE: ClassVar[str]  # one of them: "PTQ state"
     HOW_TO_MAKE: ClassVar[str]  # the empty-list message's advice
+    TOOLTIP: ClassVar[str]
 
     @classmethod
     def choices(cls) -> list[str]:
         return folders.file_names(cls.FOLDER)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {cls.INPUT: (cls.choices(), {"tooltip": cls.TOOLTIP})}}
 
     @classmethod
     def unpicked(cls, name) -> str | None:

@@ -17,11 +17,7 @@ class HiF4LoadPTQState(FilePicker):
     INPUT = "state_name"
     WHAT, ONE = "PTQ states", "PTQ state"
     HOW_TO_MAKE = "run Calibrate Wan2.2 HiF4 (or copy a shared state there)"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {cls.INPUT: (cls.choices(), {
-            "tooltip": "A .safetensors PTQ state in models/calib_states or the plugin's calib_states."})}}
+    TOOLTIP = "A .safetensors PTQ state in models/calib_states or the plugin's calib_states."
 
     RETURN_TYPES = ("PTQ_STATE",)
     RETURN_NAMES = ("ptq_state",)

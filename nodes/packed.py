@@ -47,16 +47,12 @@ class HiF4LoadDiffusionModel(FilePicker):
     INPUT = "unet_name"
     WHAT, ONE = "packed HiF4 checkpoints", "packed HiF4 checkpoint"
     HOW_TO_MAKE = "write one with Save HiF4 Model or 'python -m hifloat4 export'"
+    TOOLTIP = ("A packed HiF4 checkpoint in models/diffusion_models (made by 'Save HiF4 Model' or "
+               "'python -m hifloat4 export'); other files are not listed.")
 
     @classmethod
     def choices(cls) -> list[str]:
         return packed_model_names()
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {cls.INPUT: (cls.choices(), {
-            "tooltip": "A packed HiF4 checkpoint in models/diffusion_models (made by 'Save HiF4 Model' or "
-                       "'python -m hifloat4 export'); other files are not listed."})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
