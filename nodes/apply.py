@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from . import policy
+from .comfy.packed_apply import apply_packed, compute_device
 from .comfy.progress import tell
 from .comfy.w4a4 import apply_w4a4, require_unquantized
 from .comfy.weights import plan_for
@@ -26,20 +27,26 @@ class HiF4ApplyW4A4:
                                "weights of the same model type (e.g. an fp8 copy) with a warning; another model "
                                "type (T2V / I2V / TI2V) is always refused."}),
             },
-            "optional": policy.quantization_inputs(),
+            "optional": policy.quantization_inputs() | policy.runtime_inputs(),
         }
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Runs every main Linear of a Wan2.2 model as HiFloat4 W4A4 (4-bit weights and activations "
-                   "with the PTQ state's channel masks). Returns a new MODEL; the input stays unquantized.")
+                   "with the PTQ state's channel masks). Returns a new MODEL; the input stays unquantized. On a GPU "
+                   "the weights stay packed (4.5 bits).")
 
-    def apply(self, model, ptq_state, expert, **choices):
+    def apply(self, model, ptq_state, expert, weights="auto", compute="auto", **choices):
         require_unquantized(model, "'Apply HiFloat4 W4A4'")  # before reading its weights
         config = policy.w4a4_config(ptq_state, expert, **choices)
         plan = plan_for(model, config)
-        out = apply_w4a4(model, plan.layers)
+        if policy.keep_packed(weights, compute_device().type):
+            out = apply_packed(model, config, compute)
+        elif compute == "int8":
+            raise ValueError("compute 'int8' multiplies packed HiF4 codes: set weights to 'packed' (or 'auto' on a GPU)")
+        else:
+            out = apply_w4a4(model, plan.layers)
         texts = [tell(plan.warning, logging.WARNING)["text"][0]] if plan.warning else []
         if plan.kept or config.statistic == "adaptive":
             texts += tell(plan.describe())["text"]

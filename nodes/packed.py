@@ -54,6 +54,10 @@ class HiF4LoadDiffusionModel(FilePicker):
     def choices(cls) -> list[str]:
         return packed_model_names()
 
+    @classmethod
+    def INPUT_TYPES(cls):
+        return super().INPUT_TYPES() | {"optional": {"compute": policy.runtime_inputs()["compute"]}}
+
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
@@ -61,8 +65,8 @@ class HiF4LoadDiffusionModel(FilePicker):
                    "masks, like 'Apply HiFloat4 W4A4' on the original model, in about 30% of the weight memory. "
                    "LoRAs cannot be applied to it: merge them before saving.")
 
-    def load(self, unet_name=None):
-        return (load_packed_model(self.picked_path(unet_name)),)
+    def load(self, unet_name=None, compute="auto"):
+        return (load_packed_model(self.picked_path(unet_name), compute),)
 
     @classmethod
     def file_problem(cls, name: str, path: str) -> str | None:

@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+from hifloat4 import linear as hlinear
 from hifloat4 import plan as hplan
 from hifloat4 import state as hstate
 from hifloat4.experts import EXPERTS, HIGH, LOW, SINGLE  # noqa: F401  (the nodes' expert choices)
@@ -44,6 +45,36 @@ def quantization_inputs() -> dict:
             "default": 0, "min": 0, "max": 10000,
             "tooltip": "Leave the N layers that W4A4 hurts most (measured at calibration) unquantized: a little "
                        "speed and memory for quality. The node lists them and what they cost."}),
+    }
+
+
+WEIGHTS_CHOICES = ("auto", "packed", "unpacked")
+COMPUTE_CHOICES = hlinear.COMPUTE_CHOICES
+
+
+def keep_packed(weights: str, device_type: str) -> bool:
+    """Whether Apply keeps the quantized weights packed: `auto` does on a GPU (0.56 bytes per
+    weight, decoded per call at ~1.02x the bf16-cached time on an H200) and not on a CPU
+    (where decoding every weight in every forward costs seconds)."""
+    if weights not in WEIGHTS_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS_CHOICES)}, got {weights!r}")
+    return weights == "packed" or (weights == "auto" and device_type == "cuda")
+
+
+def runtime_inputs() -> dict:
+    """Apply's optional inputs that say how the quantized model runs (not what it computes)."""
+    return {
+        "weights": (list(WEIGHTS_CHOICES), {
+            "default": "auto",
+            "tooltip": "packed: keep the HiF4 weights as 4.5-bit codes (0.56 bytes per weight instead of the "
+                       "source's 1 (fp8) or 2 (bf16); the model is rebuilt packed, the input stays in system RAM). "
+                       "unpacked: weights as HiF4 values in the model's dtype (a little faster, no memory saved). "
+                       "auto: packed on a GPU, unpacked on a CPU."}),
+        "compute": (list(COMPUTE_CHOICES), {
+            "default": "auto",
+            "tooltip": "How packed layers multiply. simulate: HiF4 values in a bf16 matmul (the reference bits). "
+                       "int8: the same HiF4 values on int8 tensor cores (sums in another order; faster only where "
+                       "int8 is much faster than bf16, e.g. RTX cards). auto: int8 only where measured faster."}),
     }
 
 

@@ -63,15 +63,21 @@ def guard_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
     return executor(model, noise_shape, conds, *args, **kwargs)
 
 
-def load_packed_model(path: str):
+def load_packed_model(path: str, compute: str = "auto"):
     """A ComfyUI MODEL from a packed HiF4 checkpoint (validated; bf16 main weights never built)."""
-    ckpt = hckpt.load_hif4_checkpoint(path)
+    return model_from_checkpoint(hckpt.load_hif4_checkpoint(path), compute)
+
+
+def model_from_checkpoint(ckpt: hckpt.HiF4Checkpoint, compute: str = "auto"):
+    """A ComfyUI MODEL from a HiF4Checkpoint (a file's, or one packed in memory by the Apply
+    node), its packed layers multiplying as `compute` says (hifloat4.linear.resolve_compute)."""
+    name = os.path.basename(ckpt.path)
     sd = dict(ckpt.tensors)
-    for name, layer in ckpt.layers.items():
-        sd[hckpt.codes_key(name)] = placeholder(layer, ckpt.weight_dtype)
+    for layer_name, layer in ckpt.layers.items():
+        sd[hckpt.codes_key(layer_name)] = placeholder(layer, ckpt.weight_dtype)
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": HiF4PackedOps})
     if model is None:
-        raise RuntimeError(f"ComfyUI could not detect the model type of {os.path.basename(path)}")
+        raise RuntimeError(f"ComfyUI could not detect the model type of {name}")
     installed = set(packed_layer_names(model))
     missing = [n for n in ckpt.layers if n not in installed]
     if missing:
@@ -80,9 +86,12 @@ def load_packed_model(path: str):
     provided = set(ckpt.tensors) | {k for n in ckpt.layers for k in (hckpt.codes_key(n), hckpt.mask_key(n))}
     absent = sorted(set(wan_root(model).state_dict()) - provided)
     if absent:  # ComfyUI only logs missing keys; those tensors would hold uninitialized memory
-        raise RuntimeError(f"{os.path.basename(path)} lacks {len(absent)} tensors of this Wan model, e.g. {absent[0]}")
+        raise RuntimeError(f"{name} lacks {len(absent)} tensors of this Wan model, e.g. {absent[0]}")
+    for m in wan_root(model).modules():  # this MODEL's own modules, not yet shared with any clone
+        if getattr(m, "hif4", None) is not None:
+            m.hif4.compute = compute
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, PACKED_KEY, guard_wrapper)
-    log.info("HiF4: loaded %s, expert %s: %d packed layers (%.1f MB codes + masks)", os.path.basename(path),
+    log.info("HiF4: loaded %s, expert %s: %d packed layers (%.1f MB codes + masks), compute %s", name,
              ckpt.expert, len(ckpt.layers),
-             sum(p.weight.nbytes + 4 * p.hif4_mask.numel() for p in ckpt.layers.values()) / 2**20)
+             sum(p.weight.nbytes + 4 * p.hif4_mask.numel() for p in ckpt.layers.values()) / 2**20, compute)
     return model

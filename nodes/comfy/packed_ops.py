@@ -5,11 +5,13 @@ holds: a packed layer's `<layer>.weight` entry is a placeholder (a meta tensor o
 logical shape and dtype, for model detection, parameter counting and dtype
 selection) carrying the layer's hifloat4.checkpoint.PackedLayer.
 
-A packed layer keeps the uint8 codes as its `weight` parameter and the mask as its
-`hif4_mask` buffer (the checkpoint's names), so ComfyUI moves, offloads, streams
+A packed layer keeps the uint8 codes (planar rows, hifloat4.layout.to_planar: the
+file's bytes in the order GPU kernels read) as its `weight` parameter and the mask as
+its `hif4_mask` buffer (the checkpoint's names), so ComfyUI moves, offloads, streams
 (Dynamic VRAM) and sizes them like any weight; the forward gets them through core's
-cast (weights.cast_weight_bias), expands the weight on the input's device, in row
-chunks, and runs hifloat4.linear.w4a4_linear with it, as the Apply node does.
+cast (weights.cast_weight_bias) and, as the layer's `compute` choice resolves
+(hifloat4.linear.resolve_compute), decodes the weight on the input's device for
+hifloat4.linear.w4a4_linear (the Apply node's bits), or runs the int8 GEMM on the codes.
 ComfyUI hands the state dict's tensor objects to `_load_from_state_dict` unchanged
 (0.3.64 and current; Wan's process_unet_state_dict renames nothing).
 """
@@ -23,7 +25,7 @@ import comfy.ops
 from hifloat4 import checkpoint as hckpt
 from hifloat4 import linear as hlinear
 from hifloat4 import packed_linear as hpacked
-from hifloat4.packing import PackedHiF4
+from hifloat4.layout import to_planar
 
 from .weights import EXACT_STORAGE, cast_weight_bias
 
@@ -45,10 +47,11 @@ def placeholder(layer: hckpt.PackedLayer, dtype: torch.dtype) -> Tensor:
 class PackedWeight:
     """What a packed Linear needs besides its tensors (plain attributes, no tensors)."""
 
-    def __init__(self, shape: tuple[int, int], rotation, storage: torch.dtype | None):
+    def __init__(self, shape: tuple[int, int], rotation, storage: torch.dtype | None, compute: str = "auto"):
         self.shape = shape
         self.rotation = rotation
         self.storage = storage  # the dtype the fake-quant path would store Q(W/m) in
+        self.compute = compute  # hifloat4.linear.resolve_compute's choice, set by the loader
 
 
 class HiF4PackedOps(comfy.ops.manual_cast):
@@ -83,7 +86,7 @@ class HiF4PackedOps(comfy.ops.manual_cast):
                                   f"a Linear {shape}")
                 return
             storage = f["dtype"] if f["dtype"] in EXACT_STORAGE else torch.float32 if f["dtype"] is None else None
-            self.weight = nn.Parameter(layer.weight.data, requires_grad=False)
+            self.weight = nn.Parameter(to_planar(layer.weight.data), requires_grad=False)
             self.register_buffer(hlinear.MASK_NAME, layer.hif4_mask.to(torch.float32))
             self.hif4 = PackedWeight(shape, layer.rotation, storage)
             if self._hif4_has_bias:
@@ -101,10 +104,11 @@ class HiF4PackedOps(comfy.ops.manual_cast):
             if len(self.weight_function) > 0 or getattr(self, "weight_lowvram_function", None) is not None:
                 raise RuntimeError(LORA_REFUSED)
             p = self.hif4
-            quant = hlinear.LayerQuant(self.hif4_mask, p.rotation)
+            quant = hlinear.LayerQuant(self.hif4_mask.to(x.device), p.rotation)
             with torch.no_grad():  # inference only: HiF4 rounding has no gradient
                 with cast_weight_bias(self, x.device, self.weight.dtype, x.dtype) as (codes, bias):
-                    packed = PackedHiF4(codes.detach(), p.shape, 1, torch.float32)
+                    if hlinear.resolve_compute(p.compute, x.device, p.rotation) == "int8":
+                        return hlinear.w4a4_linear_packed(x.detach(), codes.detach(), p.shape[1], bias, quant, "int8")
                     # stored as the Apply node would store Q(W/m), then cast as ComfyUI casts weights
-                    weight = hpacked.expand_weight(packed, p.storage or x.dtype, x.device).to(x.dtype)
-                    return hlinear.w4a4_linear(x.detach(), weight, bias, quant)
+                    weight = hpacked.decode_weight(codes.detach(), p.shape[1], p.storage or x.dtype, x.device)
+                    return hlinear.w4a4_linear(x.detach(), weight.to(x.dtype), bias, quant)
