@@ -23,7 +23,7 @@ from .linear import LayerQuant
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 ROTATIONS = hrotation.SETTINGS  # besides None: as calibrated
-MAX_ROTATION_BLOCK = hstate.MAX_ROTATION_BLOCK
+MAX_ROTATION_BLOCK = hrotation.MAX_BLOCK  # nodes/policy.py reads this name
 
 
 def packed_nbytes(out_features: int, in_features: int) -> int:
@@ -47,7 +47,7 @@ class W4A4Config:
     alpha: float | None = None
     statistic: str | None = None
     rotation: str | None = None
-    rotation_block: int = 512
+    rotation_block: int = hrotation.DEFAULT_BLOCK
     keep_high_precision: int = 0
 
     def __post_init__(self) -> None:
@@ -64,8 +64,8 @@ class W4A4Config:
         if self.rotation is not None and self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be None (as calibrated) or one of {ROTATIONS}, got {self.rotation!r}")
         b = self.rotation_block
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_ROTATION_BLOCK:
-            raise ValueError(f"rotation_block must be an int in [1, {MAX_ROTATION_BLOCK}], got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= hrotation.MAX_BLOCK:
+            raise ValueError(f"rotation_block must be an int in [1, {hrotation.MAX_BLOCK}], got {b!r}")
         n = self.keep_high_precision
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"keep_high_precision must be an int >= 0, got {n!r}")

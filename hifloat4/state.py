@@ -41,6 +41,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from hifloat4 import rotation as hrotation
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
 from hifloat4.safefile import (
@@ -81,7 +82,7 @@ FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.b
                 "tails": torch.bfloat16, "errors": torch.float32}
 SUFFIX = ".safetensors"
 _TAIL_SLACK = 1e-6  # tail <= absmax (and tails in order) up to float rounding of the interpolation
-MAX_ROTATION_BLOCK = 8192  # the Apply node's limit; Wan2.2's in-features take blocks up to 2048
+MAX_ROTATION_BLOCK = hrotation.MAX_BLOCK  # nodes/calibrate.py reads this name
 MAX_STATE_BYTES = 2**30  # read whole: both A14B experts are 37 MiB
 
 _EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -298,7 +299,7 @@ def _check_metadata(meta) -> None:
 
 
 def _check_rotation(rot: dict | None) -> None:
-    """What the rotation code accepts (block a power of two, seed in [0, 2**63)), block <= MAX_ROTATION_BLOCK."""
+    """What the rotation code accepts (block a power of two, seed in [0, 2**63)), block <= rotation.MAX_BLOCK."""
     if rot is None:
         return
     if set(rot) != {"block", "seed"}:
@@ -307,8 +308,8 @@ def _check_rotation(rot: dict | None) -> None:
         Rotation(block=rot["block"], seed=rot["seed"])
     except ValueError as e:
         raise PTQStateError(f"rotation: {e}") from None
-    if rot["block"] > MAX_ROTATION_BLOCK:
-        raise PTQStateError(f"rotation block {rot['block']} is larger than {MAX_ROTATION_BLOCK}")
+    if rot["block"] > hrotation.MAX_BLOCK:
+        raise PTQStateError(f"rotation block {rot['block']} is larger than {hrotation.MAX_BLOCK}")
 
 
 def _check_experts(experts: list) -> None:
