@@ -46,6 +46,8 @@ MAX_INT = 2**63 - 1  # JSON integers must fit int64 (seeds, shapes, offsets)
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+SUFFIX = ".safetensors"  # every file the project reads or writes
+EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # an expert's name in a state or a checkpoint
 STALE_TEMP_S = 3600.0  # a temp file untouched this long belongs to a killed save (writers touch it per tensor)
 _TEMP_RE = re.compile(r"\..+\.safetensors\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp names made by atomic_file
 _STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -56,6 +58,11 @@ _DEPTH_STEPS = bytes.maketrans(b"[{]}", bytes([1, 1, 255, 255]))  # +1 / -1 as i
 class HiF4FileError(ValueError):
     """A file this project refuses to read or write; the message is one line naming why.
     PTQStateError and HiF4CheckpointError are its subclasses."""
+
+
+def is_int(v) -> bool:
+    """An integer from JSON (bool is an int to Python, but true is no number)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def few(names: Iterable[str]) -> str:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from .linear import LayerQuant, prepare_activation, prepare_weight
+from .masks import candidate_mask
 from .rotation import Rotation, for_layer
-from .state import CANDIDATES, LayerState, candidate_mask
+from .state import CANDIDATES, LayerState
 
 # An undefined or overflowing error (x W^T == 0 with a non-zero quantized output, or
 # inf norms) counts as the largest float32: such a layer is as sensitive as it gets.

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .safefile import is_int
+
 MAIN_SUFFIXES = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
@@ -304,12 +306,10 @@ def check_fingerprint(fp) -> None:
     if not isinstance(layers, dict) or not layers:
         raise ValueError("fingerprint layers must be a non-empty object")
     for name, shape in layers.items():
-        if not (isinstance(shape, list) and len(shape) == 2
-                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(s) and s > 0 for s in shape)):
             raise ValueError(f"fingerprint shape of {name!r} must be [out, in] positive ints, got {shape!r}")
     patch = fp["patch_embedding"]
-    if patch is not None and not (isinstance(patch, list) and all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in patch)):
+    if patch is not None and not (isinstance(patch, list) and all(is_int(s) and s > 0 for s in patch)):
         raise ValueError(f"fingerprint patch_embedding must be null or positive ints, got {patch!r}")
     if fp["shape_hash"] != shape_hash(layers, patch):
         raise ValueError("fingerprint shape_hash does not match its layers")

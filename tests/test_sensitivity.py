@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from hifloat4 import masks
 from hifloat4 import state as st
 from hifloat4.linear import LayerQuant, prepare_activation, prepare_weight
 from hifloat4.rotation import Rotation, for_layer
@@ -147,7 +148,7 @@ def test_non_finite_tokens_count_as_zero():
 def _layer_state(x: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> st.LayerState:
     stats = ChannelStats(x.shape[-1])
     stats.update(x)
-    return st.make_layer_state(w.abs().amax(0), stats.absmax, stats.tail, alpha=alpha, statistic="tail",
+    return masks.make_layer_state(w.abs().amax(0), stats.absmax, stats.tail, alpha=alpha, statistic="tail",
                                tails=stats.tails)
 
 
@@ -163,9 +164,9 @@ def test_layer_errors_are_the_relative_errors_of_the_stored_mask_then_each_candi
     ls = _layer_state(x, w)
     errors = layer_errors(_sample(x), w, ls, 0.5, rotation)
     rot = for_layer(rotation, 64)
-    masks = [ls.mask] + [st.candidate_mask(ls, c, 0.5) for c in st.CANDIDATES]
+    candidates = [ls.mask] + [masks.candidate_mask(ls, c, 0.5) for c in st.CANDIDATES]
     assert errors.dtype == torch.float32 and errors.shape == (len(st.ERROR_KEYS),)
-    assert errors.tolist() == [float(relative_error(x, w, LayerQuant(m.float(), rot))) for m in masks]
+    assert errors.tolist() == [float(relative_error(x, w, LayerQuant(m.float(), rot))) for m in candidates]
 
 
 def test_layer_errors_use_the_layers_rotation_block():

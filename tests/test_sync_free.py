@@ -12,9 +12,10 @@ import torch
 import hifloat4
 from hifloat4 import backend
 from hifloat4.linear import LayerQuant, prepare_activation, prepare_weight, w4a4_linear
+from hifloat4.masks import make_layer_state
 from hifloat4.rotation import Rotation
 from hifloat4.sensitivity import TokenSample, layer_errors, relative_error
-from hifloat4.state import ERROR_KEYS, make_layer_state
+from hifloat4.state import ERROR_KEYS
 from hifloat4.stats import ChannelStats
 from hifloat4.torch_kernels import unpack_groups
 

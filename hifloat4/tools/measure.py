@@ -37,10 +37,11 @@ from .. import rotation as hrotation
 from .. import wan
 from ..experts import HIGH, LOW
 from ..linear import HiF4Linear
+from ..masks import sensitivity
 from ..plan import W4A4Config, make_plan, rank_by_sensitivity
 from ..quantize import LayersConfig, quantize_
 from ..sampling import BOUNDARY_SIGMA, StepRecord, expert_call, sample_two_expert
-from ..state import PTQState, sensitivity
+from ..state import PTQState
 from .tiny_wan import make_tiny_wan
 
 EXPERTS = (HIGH, LOW)

@@ -1,7 +1,7 @@
 """The W4A4 variants the evaluation compares, and how each one's layer map is built.
 
 A method is (statistic, percentile, alpha, rotation). Masks come from the same core
-functions the product uses (`state.make_layer_state`: statistics rounded to their
+functions the product uses (`masks.make_layer_state`: statistics rounded to their
 storage dtypes, mask from `smoothing.channel_mask`, stored fp16), so the numbers
 are those of a saved-and-loaded PTQ state; the rotation is the shipped rule
 (`rotation.for_layer` of the default Hadamard setting).
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ... import rotation as hrotation
 from ...linear import LayerQuant
-from ...state import make_layer_state
+from ...masks import make_layer_state
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,11 @@ from torch import Tensor, nn
 
 from ...calibrate import CalibConfig, LayerObservation, observe
 from ...linear import LayerQuant
+from ...masks import adaptive_choice, candidate_mask, make_layer_state
 from ...quantize import LayersConfig, quantize_
 from ...sensitivity import layer_errors
 from ...smoothing import weight_absmax
-from ...state import LayerState, adaptive_choice, candidate_mask, make_layer_state
+from ...state import LayerState
 from ...stats import channel_absmax, channel_percentile
 from ..measure import ORDERS, SQNRMeter, keep_sweep, rotation_blocks
 from .methods import LayerStats, Method, layer_map, method_grid, tail_over_max

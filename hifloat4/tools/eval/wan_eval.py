@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from ... import wan
 from ...calibrate import CalibConfig, ExpertObservation, build_state, observe
 from ...experts import HIGH, LOW
+from ...masks import adaptive_choice
 from ...plan import W4A4Config
 from ...quantize import LayersConfig, quantize_
 from ...sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from ...smoothing import weight_absmax
-from ...state import adaptive_choice
 from ...stats import ChannelStats
 from .. import measure
 from ..measure import EXPERTS, ORDERS, PairConfig
