@@ -2,7 +2,7 @@
 file the project reads (PTQ states, packed checkpoints, source models, folder
 listings) and the one atomic writer. Never unpickles anything.
 
-Why each guard exists (a fuzz run of hostile files, issue 12):
+Why each guard exists (each answers a case of a fuzz run of hostile files):
 - regular files only, checked on the open descriptor (opened with O_NONBLOCK, then
   fstat), so a FIFO or a device in a model folder cannot block a reader;
 - the header length is capped and checked against the file size before it is read;
@@ -38,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger("hifloat4")
 
-MAX_HEADER_BYTES = 4 * 2**20  # a Wan2.2-A14B header is ~0.2 MB; parsing 4 MB of anything takes ~1 s
+MAX_HEADER_BYTES = 4 * 2**20  # a Wan2.2-A14B header is ~0.2 MB; the cap bounds a hostile header's parse time
 MAX_JSON_DEPTH = 32  # our metadata nests 6 deep; free-form user fields get some room
 MAX_JSON_CONTAINERS = 100_000  # objects + arrays; an A14B header has ~4k (3 per tensor)
 MAX_INT = 2**63 - 1  # JSON integers must fit int64 (seeds, shapes, offsets)

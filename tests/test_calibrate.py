@@ -28,7 +28,7 @@ LATENT = (1, 16, 2, 8, 8)  # 32 tokens per sample: fast, and still two patches p
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared CPU oversubscribed
-    OpenMP threads make their small ops up to ~100x slower."""
+    OpenMP threads make their small ops many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

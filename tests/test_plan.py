@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from hifloat4 import LayersConfig, W4A4Config, quantize_, wan
-from hifloat4.calibrate import CalibConfig, calibrate
 from hifloat4.experts import HIGH, LOW, ExpertMismatch
 from hifloat4.linear import HiF4Linear
 from hifloat4.masks import remask
@@ -20,23 +19,17 @@ from hifloat4.rotation import Rotation
 from hifloat4.state import PTQStateError
 from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
-
-def tiny(expert: str = HIGH, ffn_dim: int = 384):
-    return make_tiny_wan("t2v", dim=128, ffn_dim=ffn_dim, layers=2, text_dim=64, expert=expert)
+SIZE = {"dim": 128, "ffn_dim": 384, "layers": 2, "text_dim": 64}  # ffn 384 = 3 x 128: blocks get fitted
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {HIGH: tiny(HIGH), LOW: tiny(LOW)}
+def models(tiny_calibrated):
+    return tiny_calibrated(**SIZE)[0]
 
 
 @pytest.fixture(scope="module")
-def state(models):
-    def run():
-        for m in models.values():
-            x, t, ctx = example_inputs(m, frames=2, height=8, width=8, text_len=16)
-            m(x, t, ctx)
-    return calibrate(models, run, CalibConfig())
+def state(tiny_calibrated):
+    return tiny_calibrated(**SIZE)[1]
 
 
 def fp(model):

@@ -1,5 +1,5 @@
 """`python -m hifloat4 demo`: the whole method end to end on an embedded tiny Wan2.2
-T2V model pair, in well under two minutes on a laptop CPU.
+T2V model pair, on a CPU.
 
 What it does, in order (timed per phase):
   build      two tiny Wan2.2-shaped experts (hifloat4.tools.tiny_wan, with the outlier
@@ -296,7 +296,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smaller model and workload (seconds; for tests)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the tiny model's ops are too small to gain from more, "
-                        "and on a busy CPU extra threads can make them 10-100x slower)")
+                        "and on a busy CPU extra threads make them many times slower)")
     return p.parse_args(list(argv))
 
 

