@@ -138,14 +138,6 @@ def _float_layer(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def relative_error(x: Tensor, weight: Tensor, quant: LayerQuant) -> Tensor:
-    """||Q(x m) Q(W/m)^T - x W^T||_F / ||x W^T||_F over the tokens x[..., C], in float32
-    (0-d, on x's device); the bias cancels, so it is left out."""
-    x, weight, ref = _float_layer(x, weight)
-    return _relative(_quantized_output(x, weight, quant), ref)
-
-
-@torch.no_grad()
 def layer_errors(sample: TokenSample, weight: Tensor, ls: LayerState, alpha: float,
                  rotation: Rotation | None) -> Tensor:
     """Relative output errors (5,) float32 in ERROR_KEYS order on the sample's device:

@@ -123,18 +123,6 @@ def main_linear_names(obj: WanLike) -> list[str]:
     return classify_layer_names(linear_shapes(obj))[0]
 
 
-def boundary_linear_names(obj: WanLike) -> list[str]:
-    """Layers kept in high precision: text/time embeddings, time projection, head,
-    and img_emb.* where present (they see raw inputs or write the output)."""
-    return classify_layer_names(linear_shapes(obj))[1]
-
-
-def unclassified_linear_names(obj: WanLike) -> list[str]:
-    """Linears that are neither main nor boundary (e.g. Wan2.1-I2V cross_attn.k_img/v_img,
-    VACE projections). Policy: left untouched; listed so callers can report them."""
-    return classify_layer_names(linear_shapes(obj))[2]
-
-
 # --------------------------------------------------------------------------- variant
 
 @dataclass(frozen=True)
