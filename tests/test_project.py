@@ -99,3 +99,12 @@ def test_registry_metadata_is_complete():
     prefix = f"https://raw.githubusercontent.com/{repo}/main/"
     assert comfy["Icon"].startswith(prefix) and (ROOT / comfy["Icon"][len(prefix):]).is_file()
     assert any(c.startswith("Operating System ::") for c in project["classifiers"])
+    assert any(c.startswith("Environment :: GPU ::") for c in project["classifiers"])  # the registry's accelerator filter
+    urls = project["urls"]
+    assert urls["Documentation"].startswith(urls["Repository"]) and urls["Issues"] == urls["Repository"] + "/issues"
+
+
+def test_the_registry_publish_workflow_runs_the_comfy_action_on_a_pyproject_change():
+    text = (ROOT / ".github" / "workflows" / "publish.yml").read_text(encoding="utf-8")
+    assert "uses: Comfy-Org/publish-node-action@" in text and "secrets.REGISTRY_ACCESS_TOKEN" in text
+    assert '"pyproject.toml"' in text.split("paths:", 1)[1].split("\n\n", 1)[0]
