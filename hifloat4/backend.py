@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels, torch_kernels
+from .layout import from_planar
 from .runtime import triton_interpreted
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 ENV = "HIFLOAT4_BACKEND"
 CHOICES = ("auto", "cpp", "triton", "torch")
@@ -47,6 +49,10 @@ class Kernels:
         backend has no fused transform (linear.py then composes it from quantize_groups).
     pack_groups(groups (n, 64), data (n, 36) uint8) -> False if NaN/Inf (refused).
     unpack_groups(data (n, 36) uint8, out (n, 64)): the values in out.dtype.
+    pack_rows(rows (R, K), mask | None, divide, scale | None) -> (planar (R, 36 G), NaN/Inf flag):
+        packing.to_planar(pack(transformed rows)) in one pass, or None (packed_linear composes it).
+    unpack_rows(planar (R, 36 G), out (R, K)): decode planar packed rows (packing.to_planar).
+    int8: the int8 GEMM path (Int8Kernels), or None where the backend has none.
     """
 
     name: str
@@ -54,6 +60,24 @@ class Kernels:
     quantize_rows: Callable[[Tensor, Tensor | None, bool, Tensor | None, Tensor], None] | None
     pack_groups: Callable[[Tensor, Tensor], bool]
     unpack_groups: Callable[[Tensor, Tensor], None]
+    pack_rows: Callable[[Tensor, Tensor | None, bool, Tensor | None], tuple[Tensor, Tensor]] | None
+    unpack_rows: Callable[[Tensor, Tensor], None]
+    int8: Int8Kernels | None
+
+
+@dataclass(frozen=True)
+class Int8Kernels:
+    """HiF4 x HiF4 on int8 tensor cores (triton_kernels): operands as int8 codes +-(n << d)
+    with S/4 per (group, row), and their product.
+
+    encode_rows(rows (R, K), mask | None) -> (codes int8 (R, 64 G), quarter float32 (G, R)).
+    weight_rows(planar (N, 36 G), K) -> the same from planar packed rows.
+    gemm(a, a_quarter, w, w_quarter, bias | None, out_dtype) -> (R, N).
+    """
+
+    encode_rows: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
+    weight_rows: Callable[[Tensor, int], tuple[Tensor, Tensor]]
+    gemm: Callable[..., Tensor]
 
 
 def requested() -> str:
@@ -121,20 +145,41 @@ def for_device(device: torch.device | str) -> str:
     return "torch"
 
 
+def _unpack_rows_by_groups(unpack_groups: Callable[[Tensor, Tensor], None]) -> Callable[[Tensor, Tensor], None]:
+    """unpack_rows for backends that decode (n, 36) groups: back to group order, then decode."""
+    def unpack_rows(planar: Tensor, out: Tensor) -> None:
+        n, k = out.shape
+        g = planar.shape[1] // BYTES_PER_GROUP
+        groups = from_planar(planar)
+        if k == g * GROUP_SIZE and out.is_contiguous():
+            unpack_groups(groups.view(-1, BYTES_PER_GROUP), out.view(-1, GROUP_SIZE))
+        else:
+            full = torch.empty(n * g, GROUP_SIZE, dtype=out.dtype, device=out.device)
+            unpack_groups(groups.view(-1, BYTES_PER_GROUP), full)
+            out.copy_(full.view(n, -1)[:, :k])
+    return unpack_rows
+
+
 @functools.lru_cache(maxsize=None)
 def _table(name: str) -> Kernels:
     if name == "torch":
         return Kernels("torch", torch_kernels.quantize_groups, None, torch_kernels.pack_groups,
-                       torch_kernels.unpack_groups)
+                       torch_kernels.unpack_groups, None, _unpack_rows_by_groups(torch_kernels.unpack_groups), None)
     if name == "cpp":
         ext = cpu_kernels.load()
+
+        def unpack_groups(data: Tensor, out: Tensor) -> None:
+            ext.unpack_groups(data.contiguous(), out)
         return Kernels("cpp", lambda g, out: ext.quantize_dequantize_groups(g.contiguous(), out), None,
-                       lambda g, data: ext.pack_groups(g.contiguous(), data),
-                       lambda data, out: ext.unpack_groups(data.contiguous(), out))
-    from . import triton_kernels
-    return Kernels("triton", lambda g, out: triton_kernels.quantize_rows(g, out=out), triton_kernels.fused_rows,
-                   torch_kernels.pack_groups,  # packing is an export step: no Triton encoder to bytes
-                   lambda data, out: triton_kernels.decode_groups(data.contiguous(), out))
+                       lambda g, data: ext.pack_groups(g.contiguous(), data), unpack_groups, None,
+                       _unpack_rows_by_groups(unpack_groups), None)
+    from . import triton_kernels as tk
+    return Kernels("triton", lambda g, out: tk.quantize_rows(g, out=out), tk.fused_rows,
+                   torch_kernels.pack_groups,  # (n, 64) groups to bytes: an export step, the torch path does it
+                   lambda data, out: tk.decode_groups(data, out),
+                   lambda rows, mask, divide, scale: tk.pack_rows(rows, mask, divide=divide, scale=scale),
+                   tk.decode_rows,
+                   Int8Kernels(lambda rows, mask: tk.encode_int8_rows(rows, mask), tk.int8_rows, tk.int8_gemm))
 
 
 def kernels(device: torch.device | str) -> Kernels:

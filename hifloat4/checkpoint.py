@@ -368,6 +368,14 @@ def load_hif4_checkpoint(path: str | os.PathLike) -> HiF4Checkpoint:
     for k, e in entries.items():
         if tensors[k].dtype != ST_DTYPES[e.dtype] or tuple(tensors[k].shape) != e.shape:
             raise HiF4CheckpointError(f"tensor {k!r} does not read back as {e.dtype} {list(e.shape)}")
+    return checkpoint_from_tensors(path, meta, tensors)
+
+
+def checkpoint_from_tensors(path: str, meta: dict, tensors: dict[str, Tensor]) -> HiF4Checkpoint:
+    """A HiF4Checkpoint from checked metadata and its tensors (read from a file, or packed
+    in memory by export.pack_in_memory): the packed layers in policy order, their masks
+    and codes checked; `tensors` keeps the other tensors."""
+    tensors = dict(tensors)
     layers = {}
     for n in hwan.classify_layer_names(meta["layers"])[0]:  # policy order (the JSON keys are sorted)
         info = meta["layers"][n]
@@ -427,5 +435,5 @@ def install_checkpoint_(model: nn.Module, ckpt: HiF4Checkpoint) -> nn.Module:
             bias = bias.to(m.bias.dtype)
         parent, _, child = (prefix + n).rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                PackedHiF4Linear(layer.weight, layer.hif4_mask, bias, layer.rotation))
+                PackedHiF4Linear.from_packed(layer.weight, layer.hif4_mask, bias, layer.rotation))
     return model

@@ -46,8 +46,10 @@ from .checkpoint import (
     ST_NAMES,
     SUFFIX,
     WEIGHT_DTYPES,
+    HiF4Checkpoint,
     HiF4CheckpointError,
     check_header,
+    checkpoint_from_tensors,
     codes_key,
     mask_key,
     read_hif4_header,
@@ -271,19 +273,27 @@ def _ptq_summary(config: W4A4Config) -> dict:
                         "keep_high_precision": config.keep_high_precision}}
 
 
-def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.PathLike,
-                  progress: Callable[[int, int], None] | None = None,
-                  cancel: Callable[[], None] | None = None) -> ExportReport:
-    """Pack one expert of `source` as `hifloat4.plan.make_plan(config, ...)` decides
-    (the expert, masks, rotation: what the Apply node runs) into `out_path`.
+@dataclass
+class ExportPlan:
+    """What an export writes: the tensors in file order (each produced on demand), the
+    metadata, and what the report needs."""
 
-    Every main layer of the model must be in the state; boundary layers and all
-    other tensors are carried over unchanged. `progress(done, total)` and `cancel()` as in
-    write_safetensors_streaming: a cancel (or Ctrl-C) leaves no file behind.
-    """
-    out_path = os.fspath(out_path)
-    if not out_path.endswith(SUFFIX):
-        raise HiF4CheckpointError(f"output {out_path!r} must end in {SUFFIX}")
+    specs: list[_Spec]
+    metadata: dict[str, str]
+    meta: dict
+    plan_expert: str
+    warning: str | None
+    variant: hwan.WanVariant
+    linears: dict[str, tuple[int, int]]
+    layers: list[str]
+    kept: list[str]
+
+
+def plan_export(source: ModelSource, config: W4A4Config, pack_device: torch.device | str | None = None) -> ExportPlan:
+    """Decide one expert's packed checkpoint: `hifloat4.plan.make_plan(config, ...)` decides
+    the expert, masks and rotation (what the Apply node runs); main layers are packed from
+    their real weight (on `pack_device`, default where the source puts it), every other
+    tensor is carried over unchanged. The header is checked as a loader will check it."""
     shapes = source.shapes()
     try:
         variant = hwan.detect_variant(shapes)
@@ -298,8 +308,15 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
         plan = make_plan(config, fp)
     except (hexperts.ExpertMismatch, hstate.PTQStateError) as e:
         raise HiF4CheckpointError(str(e)) from None
-    name, warning, layers = plan.expert, plan.warning, plan.layers
+    layers = plan.layers
     rotations = {n: q.rotation for n, q in layers.items()}
+
+    def packed(n: str) -> Tensor:
+        weight = source.real_weight(n)
+        if pack_device is not None:
+            weight = weight.to(pack_device)
+        return pack_weight(weight, layers[n].mask, rotations[n]).data.to("cpu")
+
     specs: list[_Spec] = []
     codes = {codes_key(n): n for n in layers}  # kept layers' weights are carried over as they are
     masks = {mask_key(n): n for n in layers}
@@ -307,10 +324,8 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
         if key in codes:
             n = codes[key]
             out_f, in_f = linears[n]
-            mask, r = layers[n].mask, rotations[n]
             specs.append(_Spec(key, torch.uint8, (out_f, math.ceil(in_f / GROUP_SIZE), BYTES_PER_GROUP),
-                               lambda n=n, mask=mask, r=r: pack_weight(source.real_weight(n), mask, r).data,
-                               work=out_f * in_f))
+                               lambda n=n: packed(n), work=out_f * in_f))
         elif key in masks:
             n = masks[key]
             specs.append(_Spec(key, torch.float32, (linears[n][1],), lambda n=n: layers[n].mask.float()))
@@ -318,7 +333,7 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
             specs.append(_Spec(key, source.stored_dtype(key), tuple(shapes[key]), lambda key=key: source.tensor(key)))
     meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hif4_spec": config.state.hif4_spec,
-        "group_size": GROUP_SIZE, "bytes_per_group": BYTES_PER_GROUP, "expert": name,
+        "group_size": GROUP_SIZE, "bytes_per_group": BYTES_PER_GROUP, "expert": plan.expert,
         "weight_dtype": _dtype_name(source.weight_dtype()),
         "model": {"family": variant.family, "variant": variant.variant, "kind": variant.kind, "dim": variant.dim,
                   "ffn_dim": variant.ffn_dim, "layers": variant.layers, "in_dim": variant.in_dim,
@@ -328,25 +343,65 @@ def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.Pa
                    for n in layers},
         "kept": list(plan.kept),
         "source": {"name": source.name, "fingerprint": fp, "expert_requested": config.expert,
-                   "expert_matched": warning is None},
+                   "expert_matched": plan.warning is None},
         "ptq": _ptq_summary(config),
         "tool_version": hstate.tool_version(),
     }
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
-    check_header(_plan_header(specs, metadata))  # what a loader will check, before writing anything
-    size = write_safetensors_streaming(out_path, specs, metadata, progress, cancel)
+    checked, _ = check_header(_plan_header(specs, metadata))  # what a loader will check, before producing anything
+    return ExportPlan(specs, metadata, checked, plan.expert, plan.warning, variant, linears, list(layers),
+                      list(plan.kept))
+
+
+def export_expert(source: ModelSource, config: W4A4Config, out_path: str | os.PathLike,
+                  progress: Callable[[int, int], None] | None = None,
+                  cancel: Callable[[], None] | None = None) -> ExportReport:
+    """Write `plan_export(source, config)` to `out_path`. `progress(done, total)` and
+    `cancel()` as in write_safetensors_streaming: a cancel (or Ctrl-C) leaves no file behind."""
+    out_path = os.fspath(out_path)
+    if not out_path.endswith(SUFFIX):
+        raise HiF4CheckpointError(f"output {out_path!r} must end in {SUFFIX}")
+    p = plan_export(source, config)
+    size = write_safetensors_streaming(out_path, p.specs, p.metadata, progress, cancel)
     read_hif4_header(out_path)  # the written header parses and validates
-    codes_bytes = sum(s.nbytes for s in specs if s.key in codes)
-    mask_bytes = sum(s.nbytes for s in specs if s.key in masks)
-    kept_keys = {codes_key(n) for n in plan.kept}
-    kept_bytes = sum(s.nbytes for s in specs if s.key in kept_keys)
+    codes = {codes_key(n) for n in p.layers}
+    masks = {mask_key(n) for n in p.layers}
+    codes_bytes = sum(s.nbytes for s in p.specs if s.key in codes)
+    mask_bytes = sum(s.nbytes for s in p.specs if s.key in masks)
+    kept_keys = {codes_key(n) for n in p.kept}
+    kept_bytes = sum(s.nbytes for s in p.specs if s.key in kept_keys)
     return ExportReport(
-        path=out_path, expert=name, variant=variant.describe(), layers=len(layers),
-        main_bf16_bytes=2 * sum(math.prod(linears[n]) for n in layers), codes_bytes=codes_bytes,
-        mask_bytes=mask_bytes, other_bytes=sum(s.nbytes for s in specs) - codes_bytes - mask_bytes - kept_bytes,
-        file_bytes=size, kept=list(plan.kept), kept_bytes=kept_bytes,
-        kept_packed_bytes=sum(packed_nbytes(*linears[n]) for n in plan.kept),
-        warnings=[warning] if warning else [])
+        path=out_path, expert=p.plan_expert, variant=p.variant.describe(), layers=len(p.layers),
+        main_bf16_bytes=2 * sum(math.prod(p.linears[n]) for n in p.layers), codes_bytes=codes_bytes,
+        mask_bytes=mask_bytes, other_bytes=sum(s.nbytes for s in p.specs) - codes_bytes - mask_bytes - kept_bytes,
+        file_bytes=size, kept=p.kept, kept_bytes=kept_bytes,
+        kept_packed_bytes=sum(packed_nbytes(*p.linears[n]) for n in p.kept),
+        warnings=[p.warning] if p.warning else [])
+
+
+def pack_in_memory(source: ModelSource, config: W4A4Config, pack_device: torch.device | str | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], None] | None = None) -> HiF4Checkpoint:
+    """`plan_export`'s checkpoint without a file: the tensors produced into host memory (the
+    main layers packed on `pack_device`), assembled as the loader assembles a file. What the
+    Apply node runs when it keeps weights packed."""
+    p = plan_export(source, config, pack_device)
+    work = [s.work or math.prod(s.shape) for s in p.specs]
+    total, done = sum(work), 0
+    if progress is not None:
+        progress(0, total)
+    tensors = {}
+    for s, w in zip(p.specs, work):
+        if cancel is not None:
+            cancel()
+        t = s.produce()
+        if t.dtype != s.dtype or tuple(t.shape) != s.shape:
+            raise HiF4CheckpointError(f"{s.key}: produced {t.dtype} {tuple(t.shape)}, planned {s.dtype} {s.shape}")
+        tensors[s.key] = t.detach().to("cpu")
+        done += w
+        if progress is not None:
+            progress(done, total)
+    return checkpoint_from_tensors(f"<in memory: {source.name}>", p.meta, tensors)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,9 +2,10 @@
 
 `prepare_weight` and `prepare_activation` are the whole numerical contract, and
 `w4a4_linear` is the one quantized forward: HiF4Linear, packed_linear's
-PackedHiF4Linear and the ComfyUI paths (nodes.comfy_adapter) all call it, each only
-deciding where its HiF4-valued weight comes from, so plain PyTorch and ComfyUI compute
-the same bits. Smoothing and rotation are computed in float32 and the HiF4 values
+PackedHiF4Linear and the ComfyUI paths (nodes/) all call it, each only deciding where
+its HiF4-valued weight comes from, so plain PyTorch and ComfyUI compute the same bits.
+`w4a4_linear_packed` runs it from packed codes, or (compute="int8") runs the same
+values through the int8 GEMM; `resolve_compute` is the one rule choosing between them. Smoothing and rotation are computed in float32 and the HiF4 values
 handed back in the compute dtype; the matmul runs in it (HiF4 values are exact in
 bf16, and fp16 saturates at 65504). On CUDA, without a rotation, each `prepare_*` is
 one fused Triton pass (backend.py), with the same bits.
@@ -24,6 +25,14 @@ from .spec import saturate_
 
 CHUNK_ELEMENTS = 1 << 22  # activation values upcast to float32 at a time (16 MiB)
 MASK_NAME = "hif4_mask"  # the mask's name in every quantized layer and in packed files
+COMPUTE_CHOICES = ("auto", "simulate", "int8")
+# Where the int8 GEMM measured faster than the bf16 matmul of the simulated path, by CUDA
+# compute capability (python -m hifloat4 gpucheck: int8_gemm.speedup, docs/gpucheck_*.json).
+# On Hopper (9, 0) the per-group promotion into float32 costs more issue slots than the int8
+# MMA saves; GPUs whose int8 rate is 4x their float32-accumulating bf16 rate (RTX 30/40/50:
+# (8, 6), (8, 9), (12, 0)) should gain, but no such card has been measured: there `auto`
+# stays on "simulate" and compute="int8" opts in.
+INT8_MEASURED_FASTER: dict[tuple[int, int], bool] = {(9, 0): False}
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,29 @@ def prepare_activation(x: Tensor, mask: Tensor, rotation: Rotation | None = None
     return out.view(x.shape)
 
 
+def resolve_compute(choice: str, device: torch.device, rotation: Rotation | None = None) -> str:
+    """How a W4A4 matmul runs on `device`: "simulate" (HiF4 values, a matmul in the compute
+    dtype: the reference bits) or "int8" (the int8 GEMM: the same values, float32 sums in
+    another order). The one place that decides; "auto" picks int8 only where it measured
+    faster (INT8_MEASURED_FASTER) and the layer has no rotation (the int8 encoder fuses the
+    mask, not the rotation)."""
+    if choice not in COMPUTE_CHOICES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}, got {choice!r}")
+    if choice == "simulate":
+        return "simulate"
+    kernels = backend.kernels(device)
+    if choice == "int8":
+        if kernels.int8 is None:
+            raise backend.BackendError(f"compute='int8' needs the Triton kernels (a CUDA GPU); {device} runs the "
+                                       f"{kernels.name} backend. Use compute='simulate' or 'auto'.")
+        if rotation is not None:
+            raise ValueError("compute='int8' does not run rotated layers (the encoder fuses the channel mask, not the "
+                             "Hadamard rotation); use compute='simulate' or 'auto' with rotation")
+        return "int8"
+    faster = device.type == "cuda" and INT8_MEASURED_FASTER.get(torch.cuda.get_device_capability(device), False)
+    return "int8" if kernels.int8 is not None and rotation is None and faster else "simulate"
+
+
 def w4a4_linear(x: Tensor, weight_q: Tensor, bias: Tensor | None, quant: LayerQuant,
                 compute_dtype: torch.dtype | None = None) -> Tensor:
     """The quantized forward given the HiF4-valued weight Q(rot(W / m)) (any float dtype),
@@ -92,6 +124,23 @@ def w4a4_linear(x: Tensor, weight_q: Tensor, bias: Tensor | None, quant: LayerQu
     xq = prepare_activation(x, quant.mask, quant.rotation, dtype)
     b = None if bias is None else bias.to(dtype)
     return F.linear(xq, _weight_in(weight_q, dtype), b)
+
+
+def w4a4_linear_packed(x: Tensor, planar: Tensor, in_features: int, bias: Tensor | None, quant: LayerQuant,
+                       compute: str = "auto", compute_dtype: torch.dtype | None = None) -> Tensor:
+    """The quantized forward given planar packed codes of Q(rot(W / m)) (layout.to_planar),
+    on x's device, computed as `resolve_compute(compute, ...)` says: decoded into the compute
+    dtype for `w4a4_linear`, or the int8 GEMM on the codes (no dequantized weight exists)."""
+    dtype = x.dtype if compute_dtype is None else compute_dtype
+    kernels = backend.kernels(x.device)
+    if resolve_compute(compute, x.device, quant.rotation) == "simulate":
+        weight = torch.empty(planar.shape[0], in_features, dtype=dtype, device=x.device)
+        kernels.unpack_rows(planar, weight)
+        return w4a4_linear(x, weight, bias, quant, dtype)
+    a, a_quarter = kernels.int8.encode_rows(unit_stride_rows(x), quant.mask.to(x.device, torch.float32))
+    w, w_quarter = kernels.int8.weight_rows(planar, in_features)
+    y = kernels.int8.gemm(a, a_quarter, w, w_quarter, bias, dtype)
+    return y.view(*x.shape[:-1], planar.shape[0])
 
 
 def _weight_in(weight_q: Tensor, dtype: torch.dtype) -> Tensor:

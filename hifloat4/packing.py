@@ -1,13 +1,6 @@
 """Real 4.5-bit HiF4 storage: 36 bytes per 64 values, bit-exact with fake quantization.
 
-Layout of one group (the project's choice; HIF4_SPEC.md "Storage layout"):
-  bytes 0..31  codes, two per byte (value 2i in the low nibble, 2i+1 in the high);
-               code = sign << 3 | m * 4, m in {0, 0.25, ..., 1.75}
-  byte  32     E6M2 scale: (e + 48) << 2 | mantissa, S = (1 + mantissa/4) * 2^e
-  byte  33     the 8 level-1 bits, bit k for values 8k..8k+7
-  bytes 34..35 the 16 level-2 bits, little-endian, bit j for values 4j..4j+3
-A packed tensor keeps the grouped axis last: a weight W[N, K] packed along
-dim=-1 is data (N, ceil(K/64), 36), so rows can be expanded a slice at a time.
+The byte layouts (groups in files, planar rows in memory) are in layout.py.
 """
 from __future__ import annotations
 
@@ -59,7 +52,7 @@ def pack(x: Tensor, dim: int = -1) -> PackedHiF4:
 
 def unpack_groups_into(data: Tensor, out: Tensor) -> None:
     """(n, 36) packed groups -> out (n, 64) in out.dtype: the one decode entry point
-    (`unpack`, `unpack_rows` and `packed_linear.expand_weight` decode through here),
+    (`unpack` and `unpack_rows` decode through here),
     to the device's backend; all backends give the same bits."""
     backend.kernels(data.device).unpack_groups(data, out)
 

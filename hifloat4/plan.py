@@ -20,7 +20,7 @@ from . import masks as hmasks
 from . import rotation as hrotation
 from . import state as hstate
 from . import wan as hwan
-from .linear import LayerQuant
+from .linear import COMPUTE_CHOICES, LayerQuant
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 ROTATIONS = hrotation.SETTINGS  # besides None: as calibrated
@@ -40,7 +40,8 @@ class W4A4Config:
     tail | max | none | adaptive (per layer, the statistic with the lowest measured
     error). `rotation`: "off" or "hadamard" (block `rotation_block`, fitted to each
     layer). `keep_high_precision`: the N layers whose W4A4 error measured at
-    calibration is largest stay unquantized.
+    calibration is largest stay unquantized. `compute`: how the W4A4 matmuls run
+    (linear.resolve_compute: auto | simulate | int8; int8 reads packed codes).
     """
 
     state: hstate.PTQState
@@ -50,6 +51,7 @@ class W4A4Config:
     rotation: str | None = None
     rotation_block: int = hrotation.DEFAULT_BLOCK
     keep_high_precision: int = 0
+    compute: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, hstate.PTQState):
@@ -70,6 +72,8 @@ class W4A4Config:
         n = self.keep_high_precision
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"keep_high_precision must be an int >= 0, got {n!r}")
+        if self.compute not in COMPUTE_CHOICES:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}, got {self.compute!r}")
 
 
 @dataclass(frozen=True)

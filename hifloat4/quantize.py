@@ -6,7 +6,9 @@ Two typed configs say what to do:
   layers kept in high precision, exactly as the ComfyUI nodes and `export` do.
 * `LayersConfig`: an explicit `{layer: LayerQuant}` map (evaluation, benchmarks).
 `packed=True` stores weights as 4.5-bit HiF4 codes (PackedHiF4Linear) instead of
-HiF4-valued bf16 (HiF4Linear); the outputs are bit-identical.
+HiF4-valued bf16 (HiF4Linear); the outputs are bit-identical. The config's `compute`
+(auto | simulate | int8, linear.resolve_compute) says how packed layers multiply; int8
+reads the codes, so it needs packed=True.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import wan as hwan
-from .linear import HiF4Linear, LayerQuant
+from .linear import COMPUTE_CHOICES, HiF4Linear, LayerQuant
 from .packed_linear import PackedHiF4Linear
 from .plan import W4A4Config, make_plan
 
@@ -29,6 +31,7 @@ class LayersConfig:
     """Quantize exactly these layers (names as in model.named_modules()) this way."""
 
     layers: Mapping[str, LayerQuant]
+    compute: str = "auto"
 
 
 def quantize_(model: nn.Module, config: W4A4Config | LayersConfig, *, packed: bool = False) -> nn.Module:
@@ -50,9 +53,14 @@ def quantize_(model: nn.Module, config: W4A4Config | LayersConfig, *, packed: bo
     problems = [n for n in layers if not isinstance(modules.get(n), nn.Linear)]
     if problems:
         raise ValueError(f"not nn.Linear layers of this model: {problems[:5]}{' ...' if len(problems) > 5 else ''}")
-    build = PackedHiF4Linear.from_linear if packed else HiF4Linear
+    if config.compute not in COMPUTE_CHOICES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}, got {config.compute!r}")
+    if config.compute == "int8" and not packed:
+        raise ValueError("compute='int8' multiplies the packed HiF4 codes: quantize with packed=True")
     for name, quant in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, build(modules[name], quant))
+        layer = (PackedHiF4Linear.from_linear(modules[name], quant, config.compute) if packed
+                 else HiF4Linear(modules[name], quant))
+        setattr(parent, child, layer)
     return model

@@ -1,29 +1,41 @@
-"""Fused Triton kernels for HiF4: one-pass quantize-dequantize of rows, packed decode, and
-HiF4 x HiF4 matrix products on int8 dots.
+"""Fused Triton kernels for HiF4: one-pass quantization of rows (to HiF4 values, or to the
+int8 codes of the int8 GEMM), one-launch decode of packed weights, and the HiF4 x HiF4
+matrix product on int8 tensor cores.
 
-Why: on a GPU the torch implementation (format.py) is ~74 ops per chunk; one kernel
-reads each 64-value group once and writes its HiF4 value once.
+Why: on a GPU the torch implementation (torch_kernels.py) is ~74 ops per chunk; these
+kernels read each value once and write its result once, at memory speed, and the GEMM
+turns the 4 bits into tensor-core throughput.
 
-Exactness: a GPU compile and TRITON_INTERPRET=1 (numpy) must give the same bits,
-although the interpreter truncates float casts, never fuses a*b+c into an FMA and
-divides exactly, while the GPU fuses by default and has an approximate `/`. So:
-* The only float arithmetic that rounds is the input transform v = x*scale, v*mask
-  or div_rn(v, mask): single IEEE float32 operations (correctly rounded on both, no
-  add follows them, so nothing can be contracted into an FMA), as in torch.
-* Everything after is integer arithmetic on float32 bit patterns: maxima of
-  magnitudes (integer order is float order for non-negative floats), the E6M2
-  scale S and bf16 reciprocal R by binary search in spec.scale_table (S comes
-  from the table index: the index *is* the E6M2 byte), level bits and codes as
-  exact integer products of significands (|v| has 24 bits, R 8: < 2^32 in uint32).
-* Output values n * S * 2^(d-2) have at most 6 significant bits: the float32
-  product is exact (no add follows, no FMA), exact in bf16 (range 2^-50..2^19);
-  fp16 is rounded by integer arithmetic, half-even like torch's .to(float16),
-  so subnormals and the +-65504 saturation never rely on a float cast.
-Inputs are loaded as integer bit patterns where the interpreter lacks the dtype
-(bf16, fp8) and decoded exactly.
+Exactness: a GPU compile and TRITON_INTERPRET=1 (numpy) must give the same bits, although
+the interpreter truncates float casts, never fuses a*b+c into an FMA, divides exactly and
+has no round-toward-zero operations, while the GPU fuses by default and has an
+approximate `/`. So:
+* The only float arithmetic that rounds to nearest is the input transform v = x*scale,
+  v*mask or div_rn(v, mask): single IEEE float32 operations (correctly rounded on both,
+  no add follows them, so nothing can be contracted into an FMA), as in torch.
+* Maxima are taken on the magnitudes' bit patterns (integer order is float order for
+  non-negative floats). The E6M2 scale S and R = bf16(1/S) come from the group max's bit
+  pattern by a closed formula (`_group_scale_bits`; the thresholds of spec.scale_table
+  are periodic in the exponent field), the same integer ops on both.
+* The level bits and codes are decided in one of two formulations, the same bits:
+  - on a GPU (RZ=True), by float operations rounded toward zero, each one instruction
+    (`_decide_rz`): round-toward-zero is monotone and the thresholds (2, 4, integers
+    below 2^24) are floats, so comparing or flooring a product rounded toward zero
+    decides exactly what the exact product would;
+  - in the interpreter (RZ=False), which has no such operations, by exact integer
+    products of significands (`_decide_int`): |v| has 24 bits and R 8, < 2^32 in uint32.
+  tests/test_rz_emulation.py proves the GPU formulation on the CPU with a numpy
+  emulation of those operations, bit for bit against the reference vectors.
+* Output values n * S * 2^(d-2) have at most 6 significant bits: exact in float32 and
+  bf16 (range 2^-50..2^19); fp16 is rounded by integer arithmetic, half-even like torch's
+  .to(float16), so subnormals and the +-65504 saturation never rely on a float cast.
+* The int8 GEMM sums exact per-group int32 dots, each scaled exactly by (S_a/4)(S_w/4),
+  in float32 in group order: one rounding per group, the same whether fused or not.
+Inputs are loaded as integer bit patterns where the interpreter lacks the dtype (bf16,
+fp8) and decoded exactly.
 
-On a machine without CUDA the kernels run only under TRITON_INTERPRET=1, which must
-be set before this module is imported (tests/conftest.py does it).
+On a machine without CUDA the kernels run only under TRITON_INTERPRET=1, which must be
+set before this module is imported (tests/conftest.py does it).
 """
 from __future__ import annotations
 
@@ -36,34 +48,51 @@ import triton.language as tl
 from torch import Tensor
 
 from .runtime import triton_interpreted
-from .spec import BYTES_PER_GROUP, GROUP_SIZE, scale_table
+from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
-# Launch shapes: the fastest on an H200 of groups per program 2..32 x 1..8 warps. The
-# interpreter pays per program, not per value, so it gets large tiles (same bits: every
-# decision is per group, whatever the tile).
-_BLOCK, _NUM_WARPS = (256, 1) if triton_interpreted() else (4, 1)  # quantize: groups per program
-_DECODE_BLOCK, _DECODE_WARPS = (256, 2) if triton_interpreted() else (64, 2)  # decode: groups per program
-_MM_BLOCK = 64  # int8_matmul: 64 x 64 output tiles
-_IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
-_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_NO_MASK, _MUL_MASK, _DIV_MASK = 0, 1, 2
-_TABLE_SIZE = 256  # E6M2 scales (255 below the NaN code) padded to a power of two
-_NEVER = 0x7FFFFFFF  # a threshold above every finite float32 bit pattern
+INTERPRETED = triton_interpreted()
+try:  # round-toward-zero float ops (FMUL.RZ, FFMA.RZ, FADD.RZ); compiled code only
+    from triton.language.extra import libdevice as _libdevice
+except ImportError:  # pragma: no cover - every Triton with the CUDA backend has it
+    _libdevice = None
+RZ = not INTERPRETED and _libdevice is not None
+if _libdevice is None:  # the names must exist for the (never compiled) RZ branch
+    class _NoLibdevice:
+        mul_rz = fma_rz = add_rz = None
+    _libdevice = _NoLibdevice()
+_mul_rz, _fma_rz, _add_rz = _libdevice.mul_rz, _libdevice.fma_rz, _libdevice.add_rz
 
 
 @functools.lru_cache(maxsize=None)
-def _tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    """(threshold bits, reciprocal bits), int32 (256,) on `device`: built once per device.
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
-    thresholds[i] is the smallest float32 group max whose E6M2 scale is index i;
-    the padding entry is never reached. Non-negative float bits sort like floats.
-    """
-    thresholds, _, recips = scale_table()
-    thr = torch.full((_TABLE_SIZE,), _NEVER, dtype=torch.int32)
-    rcp = torch.zeros(_TABLE_SIZE, dtype=torch.int32)
-    thr[: len(thresholds)] = thresholds.view(torch.int32)
-    rcp[: len(recips)] = recips.view(torch.int32)
-    return thr.to(device), rcp.to(device)
+
+# Launch shapes: (rows per loop step, groups per program, warps); each thread holds 8
+# consecutive values (one 16-byte load of bf16). Chosen by gpucheck's sweep on an H200
+# (docs/gpucheck_nvidia_h200.json). The interpreter pays per program and per loop step, not
+# per value, so it gets large tiles (same bits: every decision is per group, whatever the tile).
+QUANT_TILE = (64, 16, 1) if INTERPRETED else (4, 8, 8)
+DECODE_TILE = (64, 16, 1) if INTERPRETED else (8, 4, 4)
+PROGRAMS_PER_SM = 64  # row-loop kernels: enough programs in flight to cover memory latency (H200 sweep)
+_IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_INT8_CODES = 3  # out kind: int8 codes +-(n << d) and S/4 per group
+_PLANAR = 4  # out kind: planar packed rows (packing.to_planar)
+_NO_MASK, _MUL_MASK, _DIV_MASK = 0, 1, 2
+TWO_23 = tl.constexpr(8388608.0)  # 2^23: x + 2^23 rounded toward zero is 2^23 + floor(x) for 0 <= x < 2^23
+
+
+def _device_context(t: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on t's GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _row_grid(rows: int, col_programs: int, rows_per_step: int, device: torch.device) -> tuple[int, int]:
+    """(column programs, row programs): enough programs for every SM, each looping over rows
+    (no integer division per value, and the per-column data is loaded once per program)."""
+    want = max(1, _multiprocessors(device) * PROGRAMS_PER_SM // col_programs)
+    return col_programs, max(1, min(triton.cdiv(rows, rows_per_step), want))
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -72,6 +101,27 @@ def _tables(device: torch.device) -> tuple[Tensor, Tensor]:
 def _scale_bits(index):
     """float32 bits of the E6M2 scale with byte/table index i: (1 + (i & 3)/4) * 2^((i >> 2) - 48)."""
     return (((index >> 2) + 79) << 23) | ((index & 3) << 21)
+
+
+@triton.jit
+def _group_scale_bits(vmax):
+    """(E6M2 index, S bits, R bits) of groups from the float32 bits of their max |v| (finite, >= 0).
+
+    spec.scale_table's thresholds (the smallest float32 max reaching each scale) are periodic
+    in the bit pattern, thr[i + 4] = thr[i] + 2^23: the index is 4 x the exponent field, less
+    327, plus how many of the 4 mantissa thresholds the mantissa reaches, clamped to the E6M2
+    range [0, 254]. R = bf16(1/S) repeats the same way: its exponent field falls by one per
+    scale octave, and its 7 mantissa bits take 4 values, by the scale's mantissa (the bytes of
+    0x122B4D00). tests/test_triton_kernels.py checks both against the table, all 255 entries.
+    """
+    e = vmax >> 23
+    m = vmax & 0x7FFFFF
+    idx = (4 * e - 327 + (m >= 0x19DCEF).to(tl.int32) + (m >= 0x36CB66).to(tl.int32)
+           + (m >= 0x51F8FD).to(tl.int32) + (m >= 0x7D5EB0).to(tl.int32))
+    idx = tl.minimum(tl.maximum(idx, 0), 254)
+    f = idx & 3
+    r_bits = ((175 - (idx >> 2) - (f > 0).to(tl.int32)) << 23) | (((0x122B4D00 >> (8 * f)) & 0x7F) << 16)
+    return idx, _scale_bits(idx), r_bits
 
 
 @triton.jit
@@ -91,6 +141,56 @@ def _at_least_pow2(x, t):
     """x >= 2^t, exactly, for uint32 x and any int32 t (shift amounts kept in [0, 31]:
     a shift past the width is undefined on a GPU)."""
     return (t < 32) & ((x >> tl.minimum(tl.maximum(t, 0), 31).to(tl.uint32)) != 0)
+
+
+@triton.jit
+def _decide_rz(a, m16, m8, r_bits):
+    """Level bits and codes by round-toward-zero float ops (GPU only). Shapes: a (.., 8, 2, 4)
+    magnitudes' bits, m16 (.., 8, 2) and m8 (.., 8) block maxima, r_bits (..) R = bf16(1/S).
+    Returns b8 (.., 8), d = b8 + b16 (.., 8, 2) and the codes n (.., 8, 2, 4), as int32 and
+    as float32.
+
+    b8 = [V8 * R >= 4] = [mul_rz(V8, R) >= 4]: rz is monotone and 4 is a float, so the rounded
+    product reaches 4 exactly when the exact one does; likewise b16 = [V16 * R * 2^-b8 >= 2] =
+    [mul_rz(V16, R) >= 2^(1 + b8)]. n = min(floor(a * R * 2^(2-d) + 1/2), 7): fma_rz gives the
+    sum rounded down to a float, whose floor is the exact floor (an integer below 2^24 is a
+    float, so rounding down cannot pass it); min(., 7) then add_rz(., 2^23) keeps 2^23 + floor,
+    whose low mantissa bits are n. R * 2^(2-d) is a power-of-two multiple of R: exact.
+    """
+    rf = r_bits.to(tl.float32, bitcast=True)
+    b8 = (_mul_rz(m8.to(tl.float32, bitcast=True), rf[:, :, None]) >= 4.0).to(tl.int32)
+    limit = tl.where(b8 != 0, 4.0, 2.0)[:, :, :, None]
+    b16 = (_mul_rz(m16.to(tl.float32, bitcast=True), rf[:, :, None, None]) >= limit).to(tl.int32)
+    d = b8[:, :, :, None] + b16
+    mult = (r_bits[:, :, None, None] + ((2 - d) << 23)).to(tl.float32, bitcast=True)
+    t = tl.minimum(_fma_rz(a.to(tl.float32, bitcast=True), mult[:, :, :, :, None], 0.5), 7.0)
+    biased = _add_rz(t, TWO_23)  # 2^23 + n
+    return b8, d, biased.to(tl.int32, bitcast=True) & 7, biased - TWO_23
+
+
+@triton.jit
+def _decide_int(a, m16, m8, r_bits):
+    """`_decide_rz`'s results by exact integer arithmetic (the interpreter has no rz ops).
+
+    V * R >= 2^t  <=>  sig(V) * r_sig >= 2^(t - exp(V) - r_exp), both significands integers.
+    n = min(floor(X / 2^s + 1/2), 7) with X = sig(a) * r_sig < 2^32 and s = shift - exponent
+    field of a: for s > 0, floor(X / 2^s + 1/2) = (floor(X / 2^(s-1)) + 1) >> 1 (X + 1 < 2^32,
+    no overflow); s > 32: below 1/2, n = 0; s <= 0 only for X >= 2^30 (a >= 2^30 / R): n = 7.
+    Subnormal a (and 0) get the implicit bit too: their s > 100 makes n = 0 either way.
+    """
+    r_sig = (((r_bits >> 16) & 0x7F) | 0x80).to(tl.uint32)
+    r_exp = (r_bits >> 23) - 134
+    sig8, exp8 = _significand(m8)
+    b8 = _at_least_pow2(sig8 * r_sig[:, :, None], 2 - exp8 - r_exp[:, :, None]).to(tl.int32)
+    sig16, exp16 = _significand(m16)
+    b16 = _at_least_pow2(sig16 * r_sig[:, :, None, None],
+                         1 + b8[:, :, :, None] - exp16 - r_exp[:, :, None, None]).to(tl.int32)
+    d = b8[:, :, :, None] + b16
+    x_int = ((a & 0x7FFFFF) | 0x800000).to(tl.uint32) * r_sig[:, :, None, None, None]
+    s_minus_1 = (149 - (r_exp[:, :, None, None] + 2 - d))[:, :, :, :, None] - (a >> 23)
+    n = ((x_int >> tl.minimum(tl.maximum(s_minus_1, 0), 31).to(tl.uint32)) + 1) >> 1
+    n = tl.where(s_minus_1 > 31, 0, tl.minimum(n, 7)).to(tl.int32)
+    return b8, d, n, n.to(tl.float32)
 
 
 @triton.jit
@@ -147,96 +247,128 @@ def _load_float32(ptr, offs, inb, IN_KIND: tl.constexpr):
     return v
 
 
-# --------------------------------------------------------------------------- quantize
+# --------------------------------------------------------------------------- quantize rows
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, thr_ptr, rcp_ptr,
-                          n_groups, groups_per_row, K, x_stride, out_stride,
-                          IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          MASK_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK (row, 64-column group) pairs per program, each read once and written once.
+def _encode_kernel(x_ptr, out_ptr, sc_ptr, mask_ptr, scale_ptr, flag_ptr, R, K, G, x_stride, out_stride, sc_stride,
+                   IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   MASK_MODE: tl.constexpr, RZ_OPS: tl.constexpr, RB: tl.constexpr, GPP: tl.constexpr):
+    """Rows of x -> HiF4 values (OUT_KIND 0..2), int8 codes +-(n << d) and S/4 (OUT_KIND 3),
+    or planar packed rows (OUT_KIND 4: out_ptr the bytes, sc_ptr the same rows as int32
+    words; flag_ptr becomes 1 where an input is NaN/Inf, which packing refuses).
 
-    Tiles are (BLOCK, 8, 2, 4): group, level-1 block, level-2 block, value. Block maxima
-    are reductions over the trailing axes and per-block values broadcast back with
-    [..., None]: no reshape, so no data movement between threads.
+    Program (c, r) owns GPP groups of columns and loops over rows r, r + #programs, ...: the
+    mask of its columns is loaded once, no index is divided. A tile is (RB rows, GPP groups,
+    8 level-1 blocks, 2 level-2 blocks, 4 values); each thread holds 8 consecutive values.
+    Columns past K read as 0 (the padding of the last group).
     """
-    gid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row = gid // groups_per_row
-    g4 = (gid - row * groups_per_row)[:, None, None, None]
-    col = (g4 * 64 + tl.arange(0, 8)[None, :, None, None] * 8 + tl.arange(0, 2)[None, None, :, None] * 4
-           + tl.arange(0, 4)[None, None, None, :])  # (BLOCK, 8, 2, 4)
-    inb = (gid < n_groups)[:, None, None, None] & (col < K)  # the last group's padding reads as 0
-    row = row.to(tl.int64)[:, None, None, None]
+    CB: tl.constexpr = GPP * 64
+    cols = tl.program_id(0) * CB + tl.arange(0, CB)
+    in_k = cols < K
+    if MASK_MODE != 0:
+        mvec = tl.load(mask_ptr + cols, mask=in_k, other=1.0)[None, :]
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)
+    groups = tl.program_id(0) * GPP + tl.arange(0, GPP)
+    for r0 in tl.range(tl.program_id(1) * RB, R, tl.num_programs(1) * RB):
+        rows = r0 + tl.arange(0, RB)
+        in_r = (rows < R)[:, None]
+        rows64 = rows.to(tl.int64)[:, None]
+        v = _load_float32(x_ptr, rows64 * x_stride + cols[None, :], in_r & in_k[None, :], IN_KIND)
+        if HAS_SCALE:  # one IEEE multiply, like torch's v * scale
+            v = v * s
+        if MASK_MODE == 1:
+            v = v * mvec
+        elif MASK_MODE == 2:  # correctly rounded on both (GPU `/` is approximate)
+            v = tl.math.div_rn(v, mvec)
+        vb = tl.reshape(v.to(tl.int32, bitcast=True), (RB, GPP, 8, 2, 4))
+        mag = vb & 0x7FFFFFFF
+        nonfinite = mag >= 0x7F800000
+        a = tl.where(nonfinite, 0, mag)  # NaN/Inf count as 0 for their group
+        m16 = tl.max(a, axis=4)  # (RB, GPP, 8, 2): maxima as float bits
+        m8 = tl.max(m16, axis=3)  # (RB, GPP, 8)
+        idx, s_bits, r_bits = _group_scale_bits(tl.max(m8, axis=2))  # (RB, GPP)
+        if RZ_OPS:
+            b8, d, n, nf = _decide_rz(a, m16, m8, r_bits)
+        else:
+            b8, d, n, nf = _decide_int(a, m16, m8, r_bits)
+        negative = vb < 0
+        if OUT_KIND == 4:  # planar packed rows: code nibbles, then one word per group
+            code = tl.reshape(n | (negative.to(tl.int32) << 3), (RB, GPP * 32, 2))
+            lo, hi = tl.split(code)
+            byte_cols = tl.program_id(0) * (GPP * 32) + tl.arange(0, GPP * 32)
+            tl.store(out_ptr + rows64 * out_stride + byte_cols[None, :], (lo | (hi << 4)).to(tl.uint8),
+                     mask=in_r & (byte_cols < G * 32)[None, :])
+            b16 = tl.reshape(d - b8[:, :, :, None], (RB, GPP, 16))
+            word = (idx | (tl.sum(b8 << tl.arange(0, 8)[None, None, :], axis=2) << 8)
+                    | (tl.sum(b16 << tl.arange(0, 16)[None, None, :], axis=2) << 16))
+            tl.store(sc_ptr + rows64 * sc_stride + G * 8 + groups[None, :], word, mask=in_r & (groups < G)[None, :])
+            tl.atomic_max(flag_ptr, tl.max(tl.max(tl.reshape(nonfinite.to(tl.int32), (RB, CB)), axis=1), axis=0))
+        elif OUT_KIND == 3:  # int8 codes 4q/S = +-(n << d), and S/4 per (group, row)
+            code = n << d[:, :, :, :, None]
+            code = tl.reshape(tl.where(negative, -code, code), (RB, CB)).to(tl.int8)
+            tl.store(out_ptr + rows64 * out_stride + cols[None, :], code, mask=in_r & (cols < G * 64)[None, :])
+            bad = tl.max(tl.max(tl.max(nonfinite.to(tl.int32), axis=4), axis=3), axis=2) != 0
+            # S/4 >= 2^-50 is exact; a NaN/Inf input gets a NaN scale, making its output row NaN
+            quarter = tl.where(bad, 0x7FC00000, s_bits - (2 << 23)).to(tl.float32, bitcast=True)
+            tl.store(sc_ptr + groups[None, :] * sc_stride + rows[:, None], quarter,
+                     mask=in_r & (groups < G)[None, :])
+        else:
+            # value = n * S * 2^(d-2): S * 2^(d-2) >= 2^-50 is a normal float, the product exact
+            step = (s_bits[:, :, None, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)
+            q = (nf * step[:, :, :, :, None]).to(tl.int32, bitcast=True) | (vb & -0x80000000)
+            q = tl.reshape(tl.where(nonfinite, vb, q), (RB, CB))
+            tl.store(out_ptr + rows64 * out_stride + cols[None, :], _to_out_bits(q, OUT_KIND), mask=in_r & in_k[None, :])
 
-    v = _load_float32(x_ptr, row * x_stride + col, inb, IN_KIND)
-    if HAS_SCALE:  # one IEEE multiply, like torch's v * scale
-        v = v * tl.load(scale_ptr)
-    if MASK_MODE == 1:
-        v = v * tl.load(mask_ptr + col, mask=inb, other=1.0)
-    elif MASK_MODE == 2:  # correctly rounded on both (GPU `/` is approximate)
-        v = tl.math.div_rn(v, tl.load(mask_ptr + col, mask=inb, other=1.0))
-    vb = v.to(tl.int32, bitcast=True)
-    mag = vb & 0x7FFFFFFF
-    nonfinite = mag >= 0x7F800000
-    a = tl.where(nonfinite, 0, mag)  # NaN/Inf count as 0 for their group
 
-    m16 = tl.max(a, axis=3)  # (BLOCK, 8, 2): max of each 4 values, as float bits
-    m8 = tl.max(m16, axis=2)  # (BLOCK, 8)
-    vmax = tl.max(m8, axis=1)  # (BLOCK,)
-
-    # S, R: index of the last threshold <= vmax (thresholds[0] = 0), branchless search
-    idx = tl.zeros([BLOCK], dtype=tl.int32)
-    for i in tl.static_range(8):
-        cand = idx + (128 >> i)
-        idx = tl.where(tl.load(thr_ptr + cand) <= vmax, cand, idx)
-    s_bits = _scale_bits(idx)
-    r_bits = tl.load(rcp_ptr + idx)  # bf16 value: R = r_sig * 2^r_exp, r_sig 8 bits
-    r_sig = (((r_bits >> 16) & 0x7F) | 0x80).to(tl.uint32)[:, None]
-    r_exp = ((r_bits >> 23) - 134)[:, None]  # (BLOCK, 1)
-
-    # level bits, exactly: V * R >= 2^t  <=>  sig(V) * r_sig >= 2^(t - exp(V) - r_exp)
-    sig8, exp8 = _significand(m8)
-    b8 = _at_least_pow2(sig8 * r_sig, 2 - exp8 - r_exp).to(tl.int32)[:, :, None]  # (BLOCK, 8, 1)
-    sig16, exp16 = _significand(m16)
-    b16 = _at_least_pow2(sig16 * r_sig[:, :, None], 1 + b8 - exp16 - r_exp[:, :, None]).to(tl.int32)
-    d = b8 + b16  # (BLOCK, 8, 2)
-
-    # codes n = min(floor(a * R * 2^(2-d) + 1/2), 7) = min(floor(X / 2^s + 1/2), 7), exactly,
-    # with X = sig(a) * r_sig < 2^32 and s = shift - exponent field of a. Subnormal a (and 0)
-    # are given the implicit bit too: their s > 100 makes n = 0 either way.
-    # s > 0: floor(X / 2^s + 1/2) = (floor(X / 2^(s-1)) + 1) >> 1 (X + 1 < 2^32: no overflow);
-    # s > 32: the value is below 1/2, n = 0; s <= 0 only for X >= 2^30 (a >= 2^30 / R): n = 7.
-    x_int = ((a & 0x7FFFFF) | 0x800000).to(tl.uint32) * r_sig[:, :, None, None]
-    shift = (r_exp[:, :, None] + 2 - d)[:, :, :, None]
-    s_minus_1 = 149 - shift - (a >> 23)  # s = 150 - (exponent field + r_exp + 2 - d)
-    n = ((x_int >> tl.minimum(tl.maximum(s_minus_1, 0), 31).to(tl.uint32)) + 1) >> 1
-    n = tl.where(s_minus_1 > 31, 0, tl.minimum(n, 7))
-
-    # value = n * S * 2^(d-2): S * 2^(d-2) >= 2^-50 is a normal float, the product is exact
-    step = (s_bits[:, None, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)[:, :, :, None]
-    q = (n.to(tl.float32) * step).to(tl.int32, bitcast=True) | (vb & -0x80000000)
-    q = tl.where(nonfinite, vb, q)
-    tl.store(out_ptr + row * out_stride + col, _to_out_bits(q, OUT_KIND), mask=inb)
+def _launch_encode(x: Tensor, out_arg: Tensor, scales: Tensor | None, mask: Tensor | None, divide: bool,
+                   scale: Tensor | None, out_kind: int, tile: tuple[int, int, int], flag: Tensor | None = None) -> None:
+    rows, k = x.shape
+    rb, gpp, warps = tile
+    g = triton.cdiv(k, GROUP_SIZE)
+    x_arg = x.view(torch.uint8) if x.element_size() == 1 else (x.view(torch.int16) if x.dtype == torch.bfloat16 else x)
+    mode = _NO_MASK if mask is None else (_DIV_MASK if divide else _MUL_MASK)
+    dummy = out_arg  # never read: the constexpr flags compile the loads out
+    with _device_context(x):
+        _encode_kernel[_row_grid(rows, triton.cdiv(g, gpp), rb, x.device)](
+            x_arg, out_arg, dummy if scales is None else scales, dummy if mask is None else mask,
+            dummy if scale is None else scale, dummy if flag is None else flag, rows, k, g, x.stride(0), out_arg.stride(0),
+            0 if scales is None else scales.stride(0),
+            IN_KIND=_IN_KINDS[x.dtype], OUT_KIND=out_kind, HAS_SCALE=scale is not None, MASK_MODE=mode,
+            RZ_OPS=RZ, RB=rb, GPP=gpp, num_warps=warps)
 
 
-def _device_context(t: Tensor) -> contextlib.AbstractContextManager:
-    """Launch on t's GPU, not the current one."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def _check_rows(x: Tensor, mask: Tensor | None, scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Validate the row quantizers' inputs; (mask, scale) as float32 on x's device."""
+    if x.ndim != 2 or x.dtype not in _IN_KINDS:
+        raise ValueError(f"quantizing rows needs a 2-D {list(_IN_KINDS)} tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError("quantizing rows needs unit stride along K")
+    k = x.shape[1]
+    if mask is not None:
+        if mask.numel() != k:
+            raise ValueError(f"mask must hold K={k} values, got {tuple(mask.shape)}")
+        mask = mask.reshape(k).to(device=x.device, dtype=torch.float32).contiguous()
+    if scale is not None:
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a 1-element tensor, got {tuple(scale.shape)}")
+        scale = scale.reshape(1).to(device=x.device, dtype=torch.float32)
+    return mask, scale
 
 
 def quantize_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False,
                   scale: Tensor | None = None, out_dtype: torch.dtype | None = None,
-                  out: Tensor | None = None) -> Tensor:
+                  out: Tensor | None = None, tile: tuple[int, int, int] | None = None) -> Tensor:
     """HiF4 quantize-dequantize of each row of 2-D x (R, K) along K, in one pass.
 
     v = float32(x), times `scale` (a 1-element tensor, read on the device), times or
     (divide=True) divided by `mask` (K values), then HiF4 of each 64-value group
     (the last one zero-padded), written in out_dtype (default x.dtype; required for
     fp8). Bit-identical to format.quantize_dequantize of that v, cast to out_dtype,
-    fp16 saturating at +-65504 (NaN/Inf are kept, HIF4_SPEC.md). x.stride(1) == 1.
+    fp16 saturating at +-65504 (NaN/Inf are kept, docs/hif4_spec.md). x.stride(1) == 1.
+    `tile` (rows per step, groups per program, warps) overrides QUANT_TILE (benchmarks).
     """
-    if x.ndim != 2 or x.dtype not in _IN_KINDS:
-        raise ValueError(f"quantize_rows needs a 2-D {list(_IN_KINDS)} tensor, got {x.dtype} {tuple(x.shape)}")
+    mask, scale = _check_rows(x, mask, scale)
     rows, k = x.shape
     if out_dtype is None:
         out_dtype = out.dtype if out is not None else x.dtype
@@ -246,30 +378,11 @@ def quantize_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False
         out = torch.empty(rows, k, dtype=out_dtype, device=x.device)
     if out.shape != x.shape or out.dtype != out_dtype or out.device != x.device:
         raise ValueError(f"out must be {out_dtype} {tuple(x.shape)} on {x.device}, got {out.dtype} {tuple(out.shape)}")
-    if k > 1 and (x.stride(1) != 1 or out.stride(1) != 1):
-        raise ValueError("quantize_rows needs unit stride along K for x and out")
-    if mask is not None:
-        if mask.numel() != k:
-            raise ValueError(f"mask must hold K={k} values, got {tuple(mask.shape)}")
-        mask = mask.reshape(k).to(device=x.device, dtype=torch.float32).contiguous()
-    if scale is not None:
-        if scale.numel() != 1:
-            raise ValueError(f"scale must be a 1-element tensor, got {tuple(scale.shape)}")
-        scale = scale.reshape(1).to(device=x.device, dtype=torch.float32)
-    if rows == 0 or k == 0:
-        return out
-    thr, rcp = _tables(x.device)
-    groups_per_row = triton.cdiv(k, GROUP_SIZE)
-    n_groups = rows * groups_per_row
-    x_arg = x.view(torch.uint8) if x.element_size() == 1 else (x.view(torch.int16) if x.dtype == torch.bfloat16 else x)
-    out_arg = out.view(torch.int32 if out.element_size() == 4 else torch.int16)
-    mode = _NO_MASK if mask is None else (_DIV_MASK if divide else _MUL_MASK)
-    with _device_context(x):
-        _quantize_rows_kernel[(triton.cdiv(n_groups, _BLOCK),)](
-            x_arg, out_arg, thr if mask is None else mask, thr if scale is None else scale, thr, rcp,
-            n_groups, groups_per_row, k, x.stride(0), out.stride(0),
-            IN_KIND=_IN_KINDS[x.dtype], OUT_KIND=_OUT_KINDS[out_dtype], HAS_SCALE=scale is not None,
-            MASK_MODE=mode, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    if k > 1 and out.stride(1) != 1:
+        raise ValueError("quantize_rows needs unit stride along K for out")
+    if rows and k:
+        out_arg = out.view(torch.int32 if out.element_size() == 4 else torch.int16)
+        _launch_encode(x, out_arg, None, mask, divide, scale, _OUT_KINDS[out_dtype], tile or QUANT_TILE)
     return out
 
 
@@ -278,110 +391,251 @@ def fused_rows(rows: Tensor, mask: Tensor | None, divide: bool, scale: Tensor | 
     quantize_rows(rows, mask, divide=divide, scale=scale, out=out)
 
 
-# --------------------------------------------------------------------------- packed decode
+def encode_int8_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False,
+                     scale: Tensor | None = None, tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """The int8 GEMM's operand from rows of x (R, K): (codes int8 (R, G*64), quarter scales
+    float32 (G, R)), G = ceil(K/64), with v = float32(x) [* scale] [* or / mask] as in
+    `quantize_rows`.
+
+    Every HiF4 value of a group is q = code * S/4 with an integer code +-(n << d) in
+    [-28, 28]: codes[r, k] * quarter[k // 64, r] == quantize_rows(x)[r, k] exactly, padding
+    columns hold 0. A group holding NaN/Inf gets a NaN scale (its output row is NaN).
+    The scales are stored group-major so the GEMM reads a tile's scales contiguously.
+    """
+    mask, scale = _check_rows(x, mask, scale)
+    rows, k = x.shape
+    g = triton.cdiv(k, GROUP_SIZE)
+    codes = torch.empty(rows, g * GROUP_SIZE, dtype=torch.int8, device=x.device)
+    quarter = torch.empty(g, rows, dtype=torch.float32, device=x.device)
+    if rows and k:
+        _launch_encode(x, codes, quarter, mask, divide, scale, _INT8_CODES, tile or QUANT_TILE)
+    return codes, quarter
+
+
+def pack_rows(x: Tensor, mask: Tensor | None = None, *, divide: bool = False, scale: Tensor | None = None,
+              tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Planar packed rows (R, 36 G) of HiF4(v), v = float32(x) [* scale] [* or / mask] as in
+    `quantize_rows`, in one pass, and a 1-element int32 flag that is 1 where v held NaN/Inf
+    (HiF4 codes cannot hold them: the caller refuses those rows; reading the flag is its
+    one host sync). `decode_rows` of the bytes gives `quantize_rows(x, ...)` exactly."""
+    mask, scale = _check_rows(x, mask, scale)
+    rows, k = x.shape
+    g = triton.cdiv(k, GROUP_SIZE)
+    planar = torch.empty(rows, g * BYTES_PER_GROUP, dtype=torch.uint8, device=x.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    if rows and k:
+        _launch_encode(x, planar, planar.view(torch.int32), mask, divide, scale, _PLANAR, tile or QUANT_TILE, flag)
+    return planar, flag
+
+
+# --------------------------------------------------------------------------- decode packed rows
 
 @triton.jit
-def _packed_fields(data_ptr, base, valid):
-    """Packed groups at byte offsets `base` (R,) -> per value (R, 64): code (sign << 3 | n)
-    and level d = b8 + b16; per group (R,): the float32 bits of S."""
-    e = tl.arange(0, 64)[None, :]
-    vmask = valid[:, None]
-    byte = tl.load(data_ptr + base[:, None] + e // 2, mask=vmask, other=0).to(tl.int32)
-    code = (byte >> ((e % 2) * 4)) & 15  # value 2i in the low nibble
-    s_bits = _scale_bits(tl.load(data_ptr + base + 32, mask=valid, other=0).to(tl.int32))
-    b8 = (tl.load(data_ptr + base + 33, mask=valid, other=0).to(tl.int32)[:, None] >> (e // 8)) & 1
-    b16 = (tl.load(data_ptr + base[:, None] + 34 + e // 32, mask=vmask, other=0).to(tl.int32) >> ((e // 4) % 8)) & 1
-    return code, b8 + b16, s_bits
+def _decode_kernel(codes_ptr, words_ptr, out_ptr, sc_ptr, N, K, G, row_bytes, row_words, out_stride, sc_stride,
+                   OUT_KIND: tl.constexpr, RB: tl.constexpr, GPP: tl.constexpr):
+    """Planar packed rows (packing.to_planar: per row G*32 code bytes, then G words of
+    scale byte | level-1 byte << 8 | level-2 bits << 16) -> HiF4 values (OUT_KIND 0..2), or
+    the int8 GEMM operand: codes +-(n << d) and S/4 per (group, row) (OUT_KIND 3).
+
+    Program (c, r) owns GPP groups and loops over rows; code bytes are read 16 at a time.
+    """
+    CB: tl.constexpr = GPP * 64
+    byte_cols = tl.program_id(0) * (GPP * 32) + tl.arange(0, GPP * 32)
+    groups = tl.program_id(0) * GPP + tl.arange(0, GPP)
+    cols = tl.program_id(0) * CB + tl.arange(0, CB)
+    j = tl.arange(0, 16)[None, None, :]  # 4-value block within a group
+    for r0 in tl.range(tl.program_id(1) * RB, N, tl.num_programs(1) * RB):
+        rows = r0 + tl.arange(0, RB)
+        in_r = (rows < N)[:, None]
+        rows64 = rows.to(tl.int64)[:, None]
+        byte = tl.load(codes_ptr + rows64 * row_bytes + byte_cols[None, :], mask=in_r & (byte_cols < G * 32)[None, :],
+                       other=0).to(tl.int32)
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), (RB, GPP, 16, 4))  # value 2i in the low nibble
+        word = tl.load(words_ptr + rows64 * row_words + G * 8 + groups[None, :], mask=in_r & (groups < G)[None, :],
+                       other=0)  # (RB, GPP)
+        d = (((word[:, :, None] >> (8 + j // 2)) & 1) + ((word[:, :, None] >> (16 + j)) & 1))  # (RB, GPP, 16)
+        s_bits = _scale_bits(word & 0xFF)
+        if OUT_KIND == 3:
+            magnitude = (code & 7) << d[:, :, :, None]
+            ints = tl.reshape(tl.where(code >= 8, -magnitude, magnitude), (RB, CB)).to(tl.int8)
+            tl.store(out_ptr + rows64 * out_stride + cols[None, :], ints, mask=in_r & (cols < G * 64)[None, :])
+            quarter = (s_bits - (2 << 23)).to(tl.float32, bitcast=True)  # S/4 >= 2^-50: exact
+            tl.store(sc_ptr + groups[None, :] * sc_stride + rows[:, None], quarter, mask=in_r & (groups < G)[None, :])
+        else:
+            # S * 2^(d-2) >= 2^-50 is normal, code * step has <= 6 significant bits: exact
+            step = (s_bits[:, :, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)[:, :, :, None]
+            q = ((code & 7).to(tl.float32) * step).to(tl.int32, bitcast=True) | ((code >> 3) << 31)
+            tl.store(out_ptr + rows64 * out_stride + cols[None, :], _to_out_bits(tl.reshape(q, (RB, CB)), OUT_KIND),
+                     mask=in_r & (cols < K)[None, :])
 
 
-@triton.jit
-def _decode_groups_kernel(data_ptr, out_ptr, n_groups, data_stride, out_stride,
-                          OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK packed groups (packing.py layout) per program -> 64 values each."""
-    gid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = gid < n_groups
-    code, d, s_bits = _packed_fields(data_ptr, gid.to(tl.int64) * data_stride, valid)
-    # S * 2^(d-2) >= 2^-50 is normal, code * step has <= 6 significant bits: exact
-    step = (s_bits[:, None] + ((d - 2) << 23)).to(tl.float32, bitcast=True)
-    q = ((code & 7).to(tl.float32) * step).to(tl.int32, bitcast=True) | ((code >> 3) << 31)
-    out_offs = gid.to(tl.int64)[:, None] * out_stride + tl.arange(0, 64)[None, :]
-    tl.store(out_ptr + out_offs, _to_out_bits(q, OUT_KIND), mask=valid[:, None])
+def _check_planar(planar: Tensor, k: int) -> int:
+    g = triton.cdiv(k, GROUP_SIZE)
+    if planar.dtype != torch.uint8 or planar.ndim != 2 or planar.shape[1] != g * BYTES_PER_GROUP \
+            or not planar.is_contiguous():
+        raise ValueError(f"planar packed rows must be contiguous uint8 (n, {g * BYTES_PER_GROUP}) for K={k}, "
+                         f"got {planar.dtype} {tuple(planar.shape)}")
+    return g
+
+
+def _launch_decode(planar: Tensor, k: int, out_arg: Tensor, scales: Tensor | None, out_kind: int,
+                   tile: tuple[int, int, int]) -> None:
+    n, g = planar.shape[0], triton.cdiv(k, GROUP_SIZE)
+    rb, gpp, warps = tile
+    words = planar.view(torch.int32)  # row_bytes = 36 G is a multiple of 4
+    with _device_context(planar):
+        _decode_kernel[_row_grid(n, triton.cdiv(g, gpp), rb, planar.device)](
+            planar, words, out_arg, out_arg if scales is None else scales, n, k, g, planar.stride(0),
+            words.stride(0), out_arg.stride(0), 0 if scales is None else scales.stride(0),
+            OUT_KIND=out_kind, RB=rb, GPP=gpp, num_warps=warps)
+
+
+def decode_rows(planar: Tensor, out: Tensor, tile: tuple[int, int, int] | None = None) -> None:
+    """Planar packed rows (n, 36 G) -> out (n, K) HiF4 values in out.dtype (fp16 saturating),
+    one launch. Bit-identical to torch_kernels.unpack_groups of the same groups."""
+    k = out.shape[1]
+    _check_planar(planar, k)
+    if out.dtype not in _OUT_KINDS or out.ndim != 2 or out.shape[0] != planar.shape[0] or out.stride(1) != 1:
+        raise ValueError(f"out must be (n, K) in {list(_OUT_KINDS)} with unit column stride, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if out.device != planar.device:
+        raise ValueError(f"out is on {out.device}, the codes on {planar.device}")
+    if out.numel():
+        _launch_decode(planar, k, out.view(torch.int32 if out.element_size() == 4 else torch.int16), None,
+                       _OUT_KINDS[out.dtype], tile or DECODE_TILE)
 
 
 def decode_groups(data: Tensor, out: Tensor) -> None:
-    """(n, 36) uint8 packed groups -> out (n, 64) in out.dtype (fp16 saturating).
-
-    Bit-identical to hifloat4.torch_kernels.unpack_groups. Rows may be strided.
-    """
-    if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != BYTES_PER_GROUP or data.stride(1) != 1:
-        raise ValueError(f"data must be uint8 (n, {BYTES_PER_GROUP}) with unit column stride, got {data.dtype} {tuple(data.shape)}")
-    if out.dtype not in _OUT_KINDS or out.shape != (data.shape[0], GROUP_SIZE) or out.stride(1) != 1:
-        raise ValueError(f"out must be (n, {GROUP_SIZE}) in {list(_OUT_KINDS)} with unit column stride, got {out.dtype} {tuple(out.shape)}")
-    if out.device != data.device:
-        raise ValueError(f"out is on {out.device}, data on {data.device}")
-    n = data.shape[0]
-    if n == 0:
-        return
-    out_arg = out.view(torch.int32 if out.element_size() == 4 else torch.int16)
-    with _device_context(data):
-        _decode_groups_kernel[(triton.cdiv(n, _DECODE_BLOCK),)](
-            data, out_arg, n, data.stride(0), out.stride(0), OUT_KIND=_OUT_KINDS[out.dtype], BLOCK=_DECODE_BLOCK,
-            num_warps=_DECODE_WARPS)
+    """(n, 36) packed groups -> out (n, 64): a group's bytes are a planar row with G = 1."""
+    if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != BYTES_PER_GROUP:
+        raise ValueError(f"data must be uint8 (n, {BYTES_PER_GROUP}), got {data.dtype} {tuple(data.shape)}")
+    decode_rows(data.contiguous(), out)
 
 
-# --------------------------------------------------------------------------- HiF4 x HiF4 on int8
+def int8_rows(planar: Tensor, k: int, tile: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """The int8 GEMM's weight operand from planar packed rows (n, 36 G): (codes int8 (n, 64 G),
+    quarter scales float32 (G, n)), as `encode_int8_rows` gives for the same HiF4 values."""
+    g = _check_planar(planar, k)
+    n = planar.shape[0]
+    codes = torch.empty(n, g * GROUP_SIZE, dtype=torch.int8, device=planar.device)
+    quarter = torch.empty(g, n, dtype=torch.float32, device=planar.device)
+    if n:
+        _launch_decode(planar, k, codes, quarter, _INT8_CODES, tile or DECODE_TILE)
+    return codes, quarter
 
+
+# --------------------------------------------------------------------------- HiF4 x HiF4 on int8 tensor cores
+
+def _gemm_configs() -> list[triton.Config]:
+    """Tiles for the int8 GEMM: 128-wide tiles, software-pipelined loads (no register spills
+    on sm_90; 128x256 and 256x128 spill). Each 64-wide K group is one int8 MMA chain and one
+    promotion into the float32 accumulator (int32 -> float32, times the group's two scales):
+    three CUDA-core instructions per accumulator per group, which on Hopper costs more issue
+    slots than the int8 MMA itself, and on GPUs whose int8 rate is 4x their bf16 rate with
+    float32 accumulation (RTX 30/40/50) hides behind it. MAGIC=1 converts by an integer add
+    into a float's mantissa and one exact subtraction instead of I2F (measured by gpucheck)."""
+    if INTERPRETED:  # one small config: the interpreter runs numpy per program
+        return [triton.Config({"BM": 32, "BN": 32, "GROUP_M": 8, "MAGIC": 0}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "MAGIC": 0}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4))]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "G", "HAS_BIAS", "OUT_KIND"], cache_results=True)
 @triton.jit
-def _int8_operand(data_ptr, base, valid):
-    """Packed groups -> (4 * value / S as int8 (R, 64), in [-28, 28]; S / 4 as float32 (R,))."""
-    code, d, s_bits = _packed_fields(data_ptr, base, valid)
-    magnitude = (code & 7) << d
-    ints = tl.where(code >= 8, -magnitude, magnitude).to(tl.int8)
-    return ints, (s_bits - (2 << 23)).to(tl.float32, bitcast=True)  # S / 4 >= 2^-50: exact
+def _int8_gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, G, a_stride, w_stride, sa_stride,
+                      sw_stride, out_stride, M_BUCKET, HAS_BIAS: tl.constexpr, OUT_KIND: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr):
+    """out[m, n] = sum over groups g, in order, of dot_g(a[m], w[n]) * sa[g, m] * sw[g, n] (+ bias[n]).
 
-
-@triton.jit
-def _int8_matmul_kernel(a_ptr, w_ptr, out_ptr, M, N, G, a_stride, w_stride, out_stride,
-                        BM: tl.constexpr, BN: tl.constexpr):
-    """out[BM, BN] tile = sum over groups g of int8 dot_g * (S_a / 4) * (S_w / 4), g in order.
-
-    Exact up to the sum: |dot_g| <= 64 * 28 * 28 < 2^16 in int32; (S_a/4)(S_w/4) has 6
-    significant bits and is >= 2^-100 (normal); their product (<= 22 bits) is exact, so
-    acc + dot * scale rounds once whether or not it is fused into an FMA.
+    dot_g is an int8 dot of 64 codes in [-28, 28]: |dot_g| <= 64 * 28 * 28 < 2^16, exact in
+    int32 and in float32; sa * sw has 6 significant bits and lies in [2^-100, 2^28]: exact;
+    their product (<= 22 bits) is exact, so each step acc + dot_g * s rounds once, fused or
+    not. Grouped program order keeps a band of A rows in L2 while W tiles stream.
     """
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    a_base = rm.to(tl.int64) * a_stride
-    w_base = rn.to(tl.int64) * w_stride
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, 64)
+    in_m = rm < M
+    in_n = rn < N
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * a_stride + rk[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for g in range(G):
-        a_int, a_quarter = _int8_operand(a_ptr, a_base + g * 36, rm < M)
-        w_int, w_quarter = _int8_operand(w_ptr, w_base + g * 36, rn < N)
-        dot = tl.dot(a_int, tl.trans(w_int))  # int32
-        acc += dot.to(tl.float32) * (a_quarter[:, None] * w_quarter[None, :])
+        a = tl.load(a_ptrs, mask=in_m[:, None], other=0)
+        w = tl.load(w_ptrs, mask=in_n[:, None], other=0)
+        sa = tl.load(sa_ptr + g * sa_stride + rm, mask=in_m, other=0.0)
+        sw = tl.load(sw_ptr + g * sw_stride + rn, mask=in_n, other=0.0)
+        dot = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        if MAGIC:  # 1.5 * 2^23 + dot as float bits, then subtract 1.5 * 2^23: both exact for |dot| < 2^22
+            dot_f = (dot + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            dot_f = dot.to(tl.float32)
+        acc += dot_f * (sa[:, None] * sw[None, :])
+        a_ptrs += 64
+        w_ptrs += 64
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
     offs = rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
-    tl.store(out_ptr + offs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    tl.store(out_ptr + offs, _rounded_out_bits(acc.to(tl.int32, bitcast=True), OUT_KIND), mask=in_m[:, None] & in_n[None, :])
 
 
-def int8_matmul(a: Tensor, w: Tensor) -> Tensor:
-    """(M, N) float32 A @ W^T of HiF4-packed A (M, G, 36) and W (N, G, 36), packed along K.
+@triton.jit
+def _rounded_out_bits(bits, OUT_KIND: tl.constexpr):
+    """float32 bits of any value -> out-dtype bits, rounded to nearest even (the GEMM's
+    output; `_to_out_bits` is for HiF4 values, which bf16 holds exactly): integer
+    arithmetic, because the interpreter truncates float casts."""
+    if OUT_KIND == 1:
+        mag = bits & 0x7FFFFFFF
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        res = tl.where(mag > 0x7F800000, ((bits >> 16) | 0x40), rounded).to(tl.int16)
+    else:
+        res = _to_out_bits(bits, OUT_KIND)
+    return res
 
-    4 * q / S is an integer in [-28, 28] for every HiF4 value q of a group with scale S,
-    so each 64-wide group is one exact int8 dot (int32 accumulation), scaled by
-    S_a * S_w / 16 and summed over the groups in order in float32.
-    """
-    for name, t in (("a", a), ("w", w)):
-        if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != BYTES_PER_GROUP or t.stride(2) != 1 \
-                or t.stride(1) != BYTES_PER_GROUP:
-            raise ValueError(f"{name} must be packed HiF4 groups, uint8 (rows, groups, {BYTES_PER_GROUP}) "
-                             f"with contiguous groups, got {t.dtype} {tuple(t.shape)}")
-    if a.shape[1] != w.shape[1] or a.device != w.device:
-        raise ValueError(f"a {tuple(a.shape)} on {a.device} and w {tuple(w.shape)} on {w.device} must share K and device")
-    m, n, groups = a.shape[0], w.shape[0], a.shape[1]
-    out = torch.empty(m, n, dtype=torch.float32, device=a.device)
+
+def _m_bucket(m: int) -> int:
+    """Autotuning key for M: its power of two (token counts vary per call; tiles care about size)."""
+    return 1 << max(0, m - 1).bit_length()
+
+
+def int8_gemm(a: Tensor, a_quarter: Tensor, w: Tensor, w_quarter: Tensor, bias: Tensor | None = None,
+              out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """(M, N) = A @ W^T of HiF4 operands in int8 form (`encode_int8_rows` / `int8_rows`):
+    a (M, 64 G) int8, a_quarter (G, M) float32, w (N, 64 G) int8, w_quarter (G, N) float32,
+    plus bias (N,), written in out_dtype (fp16 saturating). Differs from a float32 matmul of
+    the same HiF4 values only in the summation order (float32, group after group)."""
+    if a.dtype != torch.int8 or w.dtype != torch.int8 or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1] \
+            or a.shape[1] % GROUP_SIZE or a.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"a and w must be int8 (rows, 64 G) with unit column stride and the same G, got "
+                         f"{a.dtype} {tuple(a.shape)} and {w.dtype} {tuple(w.shape)}")
+    m, n, g = a.shape[0], w.shape[0], a.shape[1] // GROUP_SIZE
+    if tuple(a_quarter.shape) != (g, m) or tuple(w_quarter.shape) != (g, n) or a_quarter.stride(1) != 1 \
+            or w_quarter.stride(1) != 1 or a_quarter.dtype != torch.float32 or w_quarter.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 ({g}, M) and ({g}, N), got {tuple(a_quarter.shape)} "
+                         f"and {tuple(w_quarter.shape)}")
+    if out_dtype not in _OUT_KINDS:
+        raise ValueError(f"out_dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
+    out_arg = out.view(torch.int32 if out.element_size() == 4 else torch.int16)
+    bias_arg = out_arg if bias is None else bias.to(torch.float32).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
     with _device_context(a):
-        _int8_matmul_kernel[(triton.cdiv(m, _MM_BLOCK), triton.cdiv(n, _MM_BLOCK))](
-            a, w, out, m, n, groups, a.stride(0), w.stride(0), out.stride(0), BM=_MM_BLOCK, BN=_MM_BLOCK)
+        _int8_gemm_kernel[grid](a, a_quarter, w, w_quarter, bias_arg, out_arg, m, n, g, a.stride(0), w.stride(0),
+                                a_quarter.stride(0), w_quarter.stride(0), out.stride(0), _m_bucket(m),
+                                HAS_BIAS=bias is not None, OUT_KIND=_OUT_KINDS[out_dtype])
     return out

@@ -1,16 +1,24 @@
 """The C++ CPU kernels and the torch implementation compute the same bits."""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import is_ninja_available
 from torch.utils.file_baton import FileBaton
 
 from hifloat4 import cpu_kernels, torch_kernels
@@ -128,22 +136,166 @@ def test_load_falls_back_to_the_torch_implementation_with_a_warning_after_the_ti
         cpu_kernels.load.cache_clear()  # the next caller loads the real kernel again
 
 
-def test_a_build_lock_held_by_a_process_that_is_then_killed_is_released(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(tmp_path / cpu_kernels.OUR_LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n")],
-        stdout=subprocess.PIPE, text=True)
+ROOT = Path(__file__).resolve().parents[1]
+
+# A builder that takes our lock and torch's, like a real build, then stays in the middle of it.
+FAKE_BUILDER = """
+import os, sys, time
+from torch.utils.cpp_extension import is_ninja_available
+from torch.utils.file_baton import FileBaton
+from hifloat4 import cpu_kernels
+
+def jit(*, build_directory, **kwargs):
+    FileBaton(os.path.join(build_directory, cpu_kernels.TORCH_LOCK)).try_acquire()
+    print("building", flush=True)
+    time.sleep(120)
+
+cpu_kernels.build("k", sys.argv[1], jit)
+"""
+
+
+@contextlib.contextmanager
+def _builder_midway(build_dir: Path) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_BUILDER, str(build_dir)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(cpu_kernels.LockTimeout, match="held"):
-            cpu_kernels.build("k", str(tmp_path), _torch_like_jit([]), wait_s=0.3, stale_s=60)
+        assert proc.stdout.readline().strip() == "building"
+        yield proc
     finally:
-        holder.kill()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_live_holder_is_waited_for_with_one_notice_naming_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hifloat4")
+    with _builder_midway(tmp_path) as holder, pytest.raises(cpu_kernels.LockTimeout, match="held"):
+        cpu_kernels.build("k", str(tmp_path), _torch_like_jit([]), wait_s=1, stale_s=60)
+    waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(waits) == 1 and f"waiting at most 1 s for process {holder.pid} on {socket.gethostname()}" in waits[0]
+
+
+def test_a_lock_whose_holder_was_killed_midway_is_taken_over_at_once(tmp_path, caplog):
+    with _builder_midway(tmp_path) as holder:
+        holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert (tmp_path / cpu_kernels.TORCH_LOCK).exists()  # young: the age rule alone would time out below
     calls = []
     cpu_kernels.build("k", str(tmp_path), _torch_like_jit(calls), wait_s=5, stale_s=60)
     assert calls == ["k"]
+    said = [r.getMessage() for r in caplog.records if "took its lock over" in r.getMessage()]
+    assert len(said) == 1 and f"process {holder.pid} on" in said[0]
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _record_holder(build_dir: Path, record: str) -> None:
+    (build_dir / cpu_kernels.OUR_LOCK).write_text(record)
+
+
+def _holder_json(pid: int, host: str, boot: str) -> str:
+    return json.dumps(cpu_kernels.Holder(pid, host, boot)._asdict())
+
+
+@pytest.mark.parametrize("holder", ["on another host", "still running", "unreadable"])
+def test_a_torch_lock_is_not_taken_over_unless_its_holder_is_known_dead_here(tmp_path, monkeypatch, dead_pid, holder):
+    monkeypatch.setattr(cpu_kernels, "_boot_id", lambda: "this-boot")
+    _record_holder(tmp_path, {
+        "on another host": _holder_json(dead_pid, "another-host", "this-boot"),
+        "still running": _holder_json(os.getpid(), socket.gethostname(), "this-boot"),
+        "unreadable": _holder_json(dead_pid, socket.gethostname(), "this-boot")[:-5],
+    }[holder])
+    _plant_torch_lock(tmp_path, age_s=0)
+    with pytest.raises(cpu_kernels.LockTimeout, match="has existed"):
+        cpu_kernels.build("k", str(tmp_path), _torch_like_jit([]), wait_s=0.5, stale_s=60)
+
+
+def test_a_holder_recorded_before_this_host_rebooted_is_taken_over_though_its_pid_runs_now(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_boot_id", lambda: "this-boot")
+    _record_holder(tmp_path, _holder_json(os.getpid(), socket.gethostname(), "an-earlier-boot"))
+    _plant_torch_lock(tmp_path, age_s=0)
+    calls = []
+    cpu_kernels.build("k", str(tmp_path), _torch_like_jit(calls), wait_s=5, stale_s=60)
+    assert calls == ["k"]
+
+
+# A real first load; LOCK_WAIT_S from argv: waiting longer raises LockTimeout (a warning, no build).
+REAL_LOAD = """
+import sys
+from hifloat4 import cpu_kernels
+cpu_kernels.LOCK_WAIT_S = float(sys.argv[1])
+cpu_kernels.load()
+"""
+
+
+def _start_real_load(lock_wait_s: float, extensions_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", REAL_LOAD, str(lock_wait_s)], cwd=ROOT,
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL the leader and every process of its session, including the compilers
+    ninja starts in process groups of their own (they would keep using the CPU)."""
+    with contextlib.suppress(ProcessLookupError):
+        leader.send_signal(signal.SIGKILL)
+    leader.wait()
+    found = True
+    while found:
+        found = False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+                if int(session) == leader.pid and state != "Z":  # a zombie is dead already
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+                    found = True
+        time.sleep(0.1)
+
+
+def _lines_until(proc: subprocess.Popen, marker: str, timeout_s: float = 600) -> list[str]:
+    """proc's output lines up to the first containing `marker` (or its end); the timer
+    only guards against a hang, it asserts nothing."""
+    guard = threading.Timer(timeout_s, proc.kill)
+    guard.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if marker in line:
+                break
+    finally:
+        guard.cancel()
+    return lines
+
+
+needs_compiler = pytest.mark.skipif(
+    not (Path("/proc/self/stat").exists() and shutil.which(os.environ.get("CXX", "c++")) and is_ninja_available()),
+    reason="needs Linux, a C++ compiler and ninja")
+
+
+@needs_compiler
+def test_a_real_build_killed_midway_lets_the_next_load_start_building_within_20_s(tmp_path):
+    first = _start_real_load(cpu_kernels.LOCK_WAIT_S, tmp_path)
+    try:
+        lines = _lines_until(first, "building the C++ CPU kernel")
+        assert "building the C++ CPU kernel" in lines[-1], lines
+        while not list(tmp_path.glob("*/build.ninja")):  # torch writes it under its lock, then runs ninja
+            assert first.poll() is None, first.stdout.read()
+            time.sleep(0.05)
+    finally:
+        _kill_session(first)
+    assert list(tmp_path.glob(f"*/{cpu_kernels.TORCH_LOCK}")), "the killed build left torch's lock"
+    second = _start_real_load(20, tmp_path)
+    try:
+        lines = _lines_until(second, "building the C++ CPU kernel")
+    finally:
+        _kill_session(second)
+    assert "building the C++ CPU kernel" in lines[-1], lines
+    assert any(f"process {first.pid} on" in line and "took its lock over" in line for line in lines), lines
 
 
 def test_one_log_line_says_when_a_build_starts_and_none_when_the_build_is_cached(tmp_path, caplog):

@@ -485,3 +485,28 @@ def test_the_cli_prints_progress_with_a_percentage(files, tmp_path, capsys):
                       "--out", str(tmp_path / "o.safetensors")]) == 0
     err = capsys.readouterr().err
     assert "Ctrl-C cancels" in err and "100.0%" in err
+
+
+def test_packing_in_memory_gives_the_checkpoint_the_file_holds(files, ptq_state):
+    source = hexp.SafetensorsSource(files[HIGH])
+    ckpt = hexp.pack_in_memory(source, W4A4Config(ptq_state, expert=HIGH))
+    on_disk = hckpt.load_hif4_checkpoint(files["packed"])
+    assert list(ckpt.layers) == list(on_disk.layers) and ckpt.meta["layers"] == on_disk.meta["layers"]
+    for n, layer in ckpt.layers.items():
+        assert torch.equal(layer.weight.data, on_disk.layers[n].weight.data)
+        assert torch.equal(layer.hif4_mask, on_disk.layers[n].hif4_mask)
+    assert set(ckpt.tensors) == set(on_disk.tensors)
+    assert all(torch.equal(t, on_disk.tensors[k]) for k, t in ckpt.tensors.items())
+
+
+def test_packing_in_memory_reports_progress_and_stops_on_cancel(files, ptq_state):
+    seen = []
+
+    def cancel():
+        if len(seen) > 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hexp.pack_in_memory(hexp.SafetensorsSource(files[HIGH]), W4A4Config(ptq_state, expert=HIGH),
+                            progress=lambda done, total: seen.append((done, total)), cancel=cancel)
+    assert seen[0][0] == 0 and all(t == seen[0][1] for _, t in seen)

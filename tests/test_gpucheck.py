@@ -40,8 +40,28 @@ def test_every_cpu_backend_is_exact_and_the_check_passes(cpu_result):
 def test_the_report_has_throughput_and_block_ratios(cpu_result):
     _, result = cpu_result
     assert all(result["act_quant"][b]["copy_fraction"] > 0 for b in result["backends"])
-    assert set(result["block"]["variants"]) == {"bf16", "w4a4", "packed"}
+    assert {"bf16", "w4a4", "packed"} <= set(result["block"]["variants"])
     assert result["block"]["w4a4_over_bf16"] > 0 and result["block"]["packed_over_bf16"] > 0
+
+
+def test_the_report_has_what_users_pay(cpu_result):
+    _, result = cpu_result
+    assert {"bf16_ms", "w4a4_ms", "packed_ms"} <= set(result["model_call"])
+    vram = result["apply_vram"]
+    assert vram["main_weight_bytes_after"] / vram["main_weight_count"] == 36 / 64  # planar codes only
+    assert vram["main_weight_bytes_before"] / vram["main_weight_count"] == 3  # fp8 + a bf16 Q(W/m)
+    assert result["patch_s"] > 0
+
+
+def test_the_int8_path_is_measured_and_exact_where_triton_runs(cpu_result):
+    _, result = cpu_result
+    if "triton" not in result["backends"]:
+        pytest.skip("no Triton here")
+    assert "int8_gemm/bf16" not in str(result["exact"]["triton"])  # exact (True) on every fused case
+    assert [r["shape"] for r in result["int8_gemm"]] == [[64, 256, 512], [64, 512, 256]]
+    assert all(r["max_rel_err_vs_fp64"] <= 1e-5 for r in result["int8_gemm"])
+    assert "int8" in result["block"]["variants"] and result["block"]["int8_rel_l2_vs_w4a4"] <= 1e-3
+    assert "int8_ms" in result["model_call"]
 
 
 def test_a_backend_computing_wrong_bits_fails_the_check(monkeypatch):

@@ -9,12 +9,8 @@ from torch import nn
 
 from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, cpu_kernels, pack, prepare_weight, quantize_
 from hifloat4.calibrate import CalibConfig, calibrate
-from hifloat4.packed_linear import (
-    PackedHiF4Linear,
-    expand_weight,
-    pack_weight,
-    resident_bytes,
-)
+from hifloat4.layout import to_planar
+from hifloat4.packed_linear import PackedHiF4Linear, decode_weight, pack_weight, planar_weight, resident_bytes
 from hifloat4.packing import PackedHiF4, unpack
 from hifloat4.plan import W4A4Config
 from hifloat4.rotation import Rotation
@@ -40,31 +36,46 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
 
 
-# --------------------------------------------------------------------------- pack_weight / expand_weight
+# --------------------------------------------------------------------------- packing and decoding a weight
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rotation", [None, Rotation(block=64, seed=5)])
-def test_pack_weight_expands_to_prepare_weight_bit_for_bit(implementation, dtype, rotation):
+def test_pack_weight_decodes_to_prepare_weight_bit_for_bit(implementation, dtype, rotation):
     w, m = weight(dtype=dtype), mask_for(256)
     packed = pack_weight(w, m, rotation)
     assert packed.data.dtype == torch.uint8 and tuple(packed.data.shape) == (96, 4, BYTES_PER_GROUP)
-    assert torch.equal(bits(expand_weight(packed)), bits(prepare_weight(w, m, rotation)))
+    assert torch.equal(bits(decode_weight(to_planar(packed.data), 256, torch.float32)),
+                       bits(prepare_weight(w, m, rotation)))
     assert torch.equal(bits(unpack(packed)), bits(prepare_weight(w, m, rotation)))
+
+
+@pytest.mark.parametrize("scale", [None, torch.tensor([0.031])])
+def test_planar_weight_of_fp8_with_its_scale_is_prepare_weight(implementation, scale):
+    w8, m = (weight() * 20).to(torch.float8_e4m3fn), mask_for(256)
+    planar = planar_weight(w8, m, scale=scale)
+    assert torch.equal(bits(decode_weight(planar, 256, torch.bfloat16)),
+                       bits(prepare_weight(w8, m, scale=scale, dtype=torch.bfloat16)))
+
+
+def test_planar_weight_refuses_nan(implementation):
+    w = weight()
+    w[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        planar_weight(w, mask_for(256))
 
 
 def test_pack_weight_handles_in_features_that_are_not_a_multiple_of_64(implementation):
     w, m = weight(in_f=200), mask_for(200)
     packed = pack_weight(w, m)
     assert tuple(packed.data.shape) == (96, 4, BYTES_PER_GROUP)
-    assert torch.equal(expand_weight(packed, chunk_elements=300), prepare_weight(w, m))
+    assert torch.equal(decode_weight(to_planar(packed.data), 200, torch.float32), prepare_weight(w, m))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("chunk", [1, 1000, 1 << 22])
-def test_expand_weight_in_any_chunking_and_dtype_equals_unpack(implementation, out_dtype, chunk):
+def test_decode_weight_in_any_dtype_equals_unpack(implementation, out_dtype):
     packed = pack_weight(weight(out_f=37), mask_for(256))
     want = unpack(PackedHiF4(packed.data, packed.shape, packed.dim, out_dtype))
-    got = expand_weight(packed, out_dtype, chunk_elements=chunk)
+    got = decode_weight(to_planar(packed.data), 256, out_dtype)
     assert got.dtype == out_dtype and torch.equal(bits(got), bits(want))
 
 
@@ -135,16 +146,68 @@ def test_packed_linear_keeps_only_codes_mask_and_bias():
     assert "packed=hif4" in repr(packed)
 
 
+def test_packed_linear_gives_its_codes_back_in_the_file_layout():
+    w, m = weight(), mask_for(256)
+    layer = PackedHiF4Linear.from_packed(pack_weight(w, m), m)
+    assert torch.equal(layer.packed.data, pack_weight(w, m).data)
+
+
+def test_packed_linear_state_dict_is_the_file_layout_and_loads_back():
+    w, m = weight(), mask_for(256)
+    layer = PackedHiF4Linear.from_packed(pack_weight(w, m), m)
+    sd = layer.state_dict()
+    assert torch.equal(sd["weight"], pack_weight(w, m).data)
+    other = PackedHiF4Linear.from_packed(pack_weight(weight(seed=9), m), m)
+    other.load_state_dict(sd)
+    assert torch.equal(other.weight, layer.weight)
+
+
 def test_packed_linear_refuses_mismatched_parts():
     p = pack_weight(weight(), mask_for(256))
     with pytest.raises(ValueError, match="mask"):
-        PackedHiF4Linear(p, torch.ones(255))
+        PackedHiF4Linear.from_packed(p, torch.ones(255))
     with pytest.raises(ValueError, match="bias"):
-        PackedHiF4Linear(p, torch.ones(256), torch.zeros(95))
+        PackedHiF4Linear.from_packed(p, torch.ones(256), torch.zeros(95))
     with pytest.raises(ValueError, match="rotation block"):
-        PackedHiF4Linear(p, torch.ones(256), rotation=Rotation(block=512))
+        PackedHiF4Linear.from_packed(p, torch.ones(256), rotation=Rotation(block=512))
     with pytest.raises(ValueError, match="2-D"):
-        PackedHiF4Linear(pack(torch.randn(2, 3, 64)), torch.ones(64))
+        PackedHiF4Linear.from_packed(pack(torch.randn(2, 3, 64)), torch.ones(64))
+    with pytest.raises(ValueError, match="compute"):
+        PackedHiF4Linear.from_packed(p, torch.ones(256), compute="fp8")
+
+
+def test_int8_compute_needs_a_backend_with_the_int8_gemm(monkeypatch):
+    monkeypatch.setenv("HIFLOAT4_BACKEND", "torch")
+    _, packed = _layers()
+    packed.compute = "int8"
+    with pytest.raises(RuntimeError, match="int8"):
+        packed(torch.randn(3, 256))
+
+
+def test_int8_compute_refuses_rotated_layers(monkeypatch):
+    monkeypatch.setenv("HIFLOAT4_BACKEND", "triton")
+    _, packed = _layers(rotation=Rotation(block=128, seed=2))
+    packed.compute = "int8"
+    with pytest.raises(ValueError, match="rotat"):
+        packed(torch.randn(3, 256))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_compute_matches_the_simulated_layer(monkeypatch, dtype):
+    monkeypatch.setenv("HIFLOAT4_BACKEND", "triton")  # the interpreter on a CPU
+    fake, packed = _layers(in_f=200, out_f=70)
+    packed.compute = "int8"
+    x = (torch.randn(2, 33, 200) * 3).to(dtype)
+    with torch.no_grad():
+        want, got = fake(x).float(), packed(x).float()
+    assert got.shape == want.shape and float((got - want).norm() / want.norm()) <= 1e-3
+
+
+def test_auto_compute_simulates_on_a_cpu(monkeypatch):
+    monkeypatch.setenv("HIFLOAT4_BACKEND", "triton")
+    from hifloat4.linear import resolve_compute
+    assert resolve_compute("auto", torch.device("cpu")) == "simulate"
+    assert resolve_compute("int8", torch.device("cpu")) == "int8"
 
 
 def test_packed_quantize_gives_the_fake_quant_model_bit_for_bit_in_less_memory():

@@ -12,6 +12,7 @@ import torch
 from hif4_reference import vector, vector_cases
 
 from hifloat4 import pack, triton_kernels
+from hifloat4.layout import from_planar, to_planar
 from hifloat4.format import quantize_dequantize
 from hifloat4.spec import BYTES_PER_GROUP, scale_table
 from hifloat4.torch_kernels import unpack_groups
@@ -295,56 +296,141 @@ def test_decode_reads_and_writes_strided_rows():
     assert bool((out_big[:, :8] == 0).all() & (out_big[:, 72:] == 0).all())
 
 
-# --- HiF4 x HiF4 on int8 dots ------------------------------------------------------
+# --- planar packed rows -------------------------------------------------------------
 
-def _int8_operands(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (R, G, 36) -> (4 * q / S per value (R, G, 64) float64, S / 4 per group (R, G) float32)."""
-    rows, groups = data.shape[:2]
-    flat = data.reshape(-1, BYTES_PER_GROUP)
-    q = _unpack_torch(flat, torch.float32)
-    byte = flat[:, 32].long()
-    quarter = torch.ldexp(1.0 + (byte & 3).float() * 0.25, (byte >> 2) - 48 - 2)  # S / 4
-    ints = q / quarter[:, None]  # exact: q = integer * S / 4
-    assert bool((ints == ints.round()).all() & (ints.abs() <= 28).all())
-    return ints.double().view(rows, groups, 64), quarter.view(rows, groups)
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_decode_of_planar_rows_matches_unpack(dtype):
+    w = torch.cat([wide_range(5, 200, seed=30), tie_heavy(3, 200, seed=31)])  # K = 200: a padded last group
+    packed = pack(w).data
+    out = torch.empty(8, 200, dtype=dtype, device=DEVICE)
+    triton_kernels.decode_rows(to_planar(packed).to(DEVICE), out)
+    want = _unpack_torch(packed.reshape(-1, BYTES_PER_GROUP), dtype).view(8, -1)[:, :200]
+    assert_bits_equal(out.cpu(), want)
 
 
-def _matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The int8 product's arithmetic in torch: exact group dots, scaled, summed in group order."""
-    ia, qa = _int8_operands(a)
-    iw, qw = _int8_operands(w)
-    acc = torch.zeros(a.shape[0], w.shape[0])
-    for g in range(a.shape[1]):
-        acc = acc + (ia[:, g] @ iw[:, g].T).float() * (qa[:, g, None] * qw[None, :, g])
-    return acc
+def test_decode_of_planar_rows_refuses_a_width_that_is_not_k():
+    planar = torch.zeros(2, 2 * BYTES_PER_GROUP, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="planar"):
+        triton_kernels.decode_rows(planar, torch.empty(2, 200, device=DEVICE))
 
 
-def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return triton_kernels.int8_matmul(a.to(DEVICE), w.to(DEVICE)).cpu()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_pack_rows_writes_the_planar_bytes_of_pack(dtype):
+    w = torch.cat([wide_range(6, 200, seed=42, lo=-8, hi=4), tie_heavy(2, 200, seed=43)]).to(dtype)
+    mask = torch.exp(torch.randn(200, generator=gen(44)))
+    scale = torch.tensor([0.37])
+    planar, flag = triton_kernels.pack_rows(w.to(DEVICE), mask.to(DEVICE), divide=True, scale=scale.to(DEVICE))
+    want = to_planar(pack(w.float() * scale / mask).data)
+    assert int(flag) == 0 and torch.equal(planar.cpu(), want)
+
+
+def test_pack_rows_raises_its_flag_on_nan():
+    w = wide_range(3, 128, seed=45)
+    w[2, 5] = float("nan")
+    _, flag = triton_kernels.pack_rows(w.to(DEVICE))
+    assert int(flag) == 1
+
+
+def test_planar_rows_round_trip_to_packed_rows():
+    data = torch.randint(0, 256, (3, 5, BYTES_PER_GROUP), dtype=torch.uint8, generator=gen(32))
+    assert torch.equal(from_planar(to_planar(data)), data)
+
+
+# --- HiF4 x HiF4 on int8 tensor cores ----------------------------------------------
+
+def encode_int8(x, mask=None, **kwargs):
+    codes, quarter = triton_kernels.encode_int8_rows(x.to(DEVICE), _on_device(mask), **kwargs)
+    return codes.cpu(), quarter.cpu()
+
+
+def int8_values(codes: torch.Tensor, quarter: torch.Tensor, k: int) -> torch.Tensor:
+    """The HiF4 values an int8 operand stands for: code * S/4 (exact in float32)."""
+    return (codes.float().view(codes.shape[0], -1, 64) * quarter.T[:, :, None]).view(codes.shape[0], -1)[:, :k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_codes_times_quarter_scales_are_the_hif4_values(dtype):
+    x = torch.cat([wide_range(6, 200, seed=33, lo=-20, hi=10), tie_heavy(4, 200, seed=34)]).to(dtype)
+    mask = torch.exp(torch.randn(200, generator=gen(35)))
+    codes, quarter = encode_int8(x, mask)
+    assert codes.shape == (10, 256) and quarter.shape == (4, 10)
+    assert int(codes.abs().max()) <= 28 and bool((codes[:, 200:] == 0).all())
+    # equal values (an int8 code has no -0, the only bit pattern that differs)
+    assert torch.equal(int8_values(codes, quarter, 200), reference(x, mask, out_dtype=torch.float32))
+
+
+def test_int8_encoding_of_a_group_with_nan_gives_a_nan_scale_for_that_group_only():
+    x = wide_range(2, 128, seed=36)
+    x[1, 70] = float("nan")
+    _, quarter = encode_int8(x)
+    assert quarter[1, 1].isnan() and not quarter[0].isnan().any() and not quarter[1, 0].isnan()
+
+
+def test_int8_weight_operand_from_planar_rows_equals_the_encoder_output():
+    w = wide_range(7, 200, seed=37, lo=-12, hi=0)
+    codes, quarter = triton_kernels.int8_rows(to_planar(pack(w).data).to(DEVICE), 200)
+    want_codes, want_quarter = encode_int8(w)
+    assert torch.equal(codes.cpu(), want_codes) and torch.equal(quarter.cpu(), want_quarter)
 
 
 @pytest.fixture(scope="module")
-def packed_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, w, packed x, packed w): K = 200 (padded last group), M and N not tile multiples."""
-    x = torch.cat([wide_range(40, 200, seed=24, lo=-6, hi=6), tie_heavy(30, 200, seed=25)])
-    w = wide_range(90, 200, seed=26, lo=-12, hi=0)
-    return x, w, pack(x).data, pack(w).data
+def int8_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, w) bf16 with K = 200 (padded last group), M and N not tile multiples."""
+    x = torch.cat([wide_range(40, 200, seed=38, lo=-6, hi=6), tie_heavy(30, 200, seed=39)]).bfloat16()
+    w = wide_range(90, 200, seed=40, lo=-12, hi=0).bfloat16()
+    return x, w
 
 
-def test_int8_matmul_sums_exact_group_dots_in_order(packed_pair):
-    _, _, a, w = packed_pair
-    assert_bits_equal(int8_matmul(a, w), _matmul_reference(a, w))
+def int8_gemm(x, w, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    a, qa = triton_kernels.encode_int8_rows(x.to(DEVICE))
+    b, qb = triton_kernels.encode_int8_rows(w.to(DEVICE))
+    return triton_kernels.int8_gemm(a, qa, b, qb, _on_device(bias), out_dtype).cpu()
 
 
-def test_int8_matmul_is_the_product_of_the_dequantized_operands(packed_pair):
-    x, w, a, pw = packed_pair
-    exact = quantize_dequantize(x).double() @ quantize_dequantize(w).double().T
-    out = int8_matmul(a, pw).double()
-    assert out.shape == (70, 90)
-    assert torch.allclose(out, exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+def _group_terms(x, w) -> torch.Tensor:
+    """(G, M, N) float64: each group's exact dot of the HiF4 values."""
+    k = x.shape[1]
+    qx = torch.nn.functional.pad(quantize_dequantize(x.float()).double(), (0, (-k) % 64)).view(x.shape[0], -1, 64)
+    qw = torch.nn.functional.pad(quantize_dequantize(w.float()).double(), (0, (-k) % 64)).view(w.shape[0], -1, 64)
+    return torch.einsum("mgk,ngk->gmn", qx, qw)
 
 
-def test_int8_matmul_refuses_operands_of_different_k(packed_pair):
-    _, _, a, w = packed_pair
-    with pytest.raises(ValueError, match="share K"):
-        triton_kernels.int8_matmul(a, w[:, :2])
+def test_int8_gemm_sums_exact_group_dots_in_group_order_in_float32(int8_pair):
+    x, w = int8_pair
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for term in _group_terms(x, w):  # each term is exact in float32: one rounding per group
+        assert torch.equal(term.float().double(), term)
+        acc = acc + term.float()
+    assert_bits_equal(int8_gemm(x, w), acc)
+
+
+def test_int8_gemm_is_within_float32_summation_error_of_the_float64_product(int8_pair):
+    x, w = int8_pair
+    terms = _group_terms(x, w)
+    out = int8_gemm(x, w).double()
+    rel = (out - terms.sum(0)).abs() / terms.abs().sum(0).clamp_min(1e-300)
+    assert float(rel.max()) <= 1e-5
+
+
+def test_int8_gemm_matches_the_simulated_w4a4_product(int8_pair):
+    x, w = int8_pair
+    simulated = torch.nn.functional.linear(quantize_dequantize(x), quantize_dequantize(w)).float()  # bf16, as w4a4_linear
+    out = int8_gemm(x, w, out_dtype=torch.bfloat16).float()
+    assert float((out - simulated).norm() / simulated.norm()) <= 1e-3
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_int8_gemm_adds_the_bias_and_rounds_once_to_the_output_dtype(int8_pair, out_dtype):
+    x, w = int8_pair
+    bias = torch.randn(w.shape[0], generator=gen(41)).bfloat16()
+    want = (int8_gemm(x, w) + bias.float())
+    want = torch.where(want.isfinite(), want.clamp(-FP16_MAX, FP16_MAX), want) if out_dtype == torch.float16 else want
+    assert_bits_equal(int8_gemm(x, w, bias, out_dtype), want.to(out_dtype))
+
+
+def test_int8_gemm_refuses_operands_of_different_k(int8_pair):
+    x, w = int8_pair
+    a, qa = triton_kernels.encode_int8_rows(x.to(DEVICE))
+    b, qb = triton_kernels.encode_int8_rows(w[:, :100].to(DEVICE))
+    with pytest.raises(ValueError, match="same G"):
+        triton_kernels.int8_gemm(a, qa, b, qb)
