@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from . import rotation as hrotation
 from . import wan
+from .masks import make_layer_state
 from .rotation import Rotation
 from .sensitivity import TokenSample, layer_errors, to_device
 from .smoothing import MaskConfig, Statistic, weight_absmax
-from .state import ExpertState, PTQState, make_layer_state
+from .state import ExpertState, PTQState
 from .stats import ChannelStats
 
 # --------------------------------------------------------------------------- config
@@ -160,8 +161,8 @@ def _layer_names(ex: ExpertObservation) -> list[str]:
 def expert_state(ex: ExpertObservation, config: CalibConfig) -> ExpertState:
     """Masks, statistics and output errors of one expert.
 
-    Built with `state.make_layer_state` (statistics rounded to their storage dtypes,
-    the mask derived from the rounded values), so `state.remask` with the same
+    Built with `masks.make_layer_state` (statistics rounded to their storage dtypes,
+    the mask derived from the rounded values), so `masks.remask` with the same
     settings reproduces the masks bit for bit (the clamp is MaskConfig's, fixed).
     Two passes over the weights: the statistics reach the host in one transfer, then
     every layer's errors are queued on the device and read back in one transfer.

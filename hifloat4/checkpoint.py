@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,7 +42,7 @@ from .linear import MASK_NAME
 from .packed_linear import PackedHiF4Linear
 from .packing import PackedHiF4
 from .rotation import Rotation
-from .safefile import HiF4FileError, check_fields, few, loads_json, read_header
+from .safefile import EXPERT_RE, SUFFIX, HiF4FileError, check_fields, few, is_int, loads_json, read_header
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
 from .wan_model import WanConfig, WanModel
 
@@ -52,7 +51,6 @@ FORMAT_VERSION = 2  # written; READ_VERSIONS are read
 READ_VERSIONS = (1, 2)
 V1_CODES_SUFFIX = ".weight.hif4"  # version 1's name of "<layer>.weight"
 METADATA_KEY = "hifloat4_packed"
-SUFFIX = ".safetensors"
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,7 +61,6 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 FLOAT_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_BLOCKS = 1024  # Wan2.2 has 30 or 40; bounds the model a header can make the loader describe
 log = logging.getLogger("hifloat4")
 _META_TYPES = {
@@ -127,23 +124,19 @@ class HiF4Checkpoint:
 
 # --------------------------------------------------------------------------- metadata
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_metadata(meta) -> None:
     if not isinstance(meta, dict):
         raise HiF4CheckpointError("bad HiF4 metadata: not a JSON object")
     if meta.get("format") != FORMAT_NAME:
         raise HiF4CheckpointError(f"wrong format marker {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if not _is_int(meta.get("format_version")) or meta["format_version"] not in READ_VERSIONS:
+    if not is_int(meta.get("format_version")) or meta["format_version"] not in READ_VERSIONS:
         raise HiF4CheckpointError(f"unsupported HiF4 checkpoint version {meta.get('format_version')!r}; "
                                   f"this tool reads versions {', '.join(map(str, READ_VERSIONS))}")
     check_fields(meta, _META_TYPES | (_V2_META_TYPES if meta["format_version"] >= 2 else {}), HiF4CheckpointError)
     if meta["group_size"] != GROUP_SIZE or meta["bytes_per_group"] != BYTES_PER_GROUP:
         raise HiF4CheckpointError(f"group layout {meta['group_size']}/{meta['bytes_per_group']} bytes is not "
                                   f"HiF4's {GROUP_SIZE}/{BYTES_PER_GROUP}")
-    if not _EXPERT_RE.fullmatch(meta["expert"]):
+    if not EXPERT_RE.fullmatch(meta["expert"]):
         raise HiF4CheckpointError(f"bad expert name {meta['expert']!r}")
     if meta["weight_dtype"] not in WEIGHT_DTYPES:
         raise HiF4CheckpointError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {meta['weight_dtype']!r}")
@@ -171,7 +164,7 @@ def _check_layer_meta(name, info) -> None:
     if not (isinstance(info, dict) and set(info) == {"shape", "rotation"}):
         raise HiF4CheckpointError(f"layer {name!r}: metadata must have exactly shape and rotation")
     shape, rot = info["shape"], info["rotation"]
-    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and 0 < s < 2**31 for s in shape)):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(s) and 0 < s < 2**31 for s in shape)):
         raise HiF4CheckpointError(f"layer {name!r}: shape must be [out, in] positive ints, got {shape!r}")
     if rot is not None:
         if not (isinstance(rot, dict) and set(rot) == {"block", "seed"}):
@@ -214,7 +207,7 @@ def _tensor_entries(header: dict, meta: dict) -> dict[str, Entry]:
         if key == "__metadata__":
             continue
         if not (isinstance(info, dict) and info.get("dtype") in ST_DTYPES and isinstance(info.get("shape"), list)
-                and all(_is_int(s) and s >= 0 for s in info["shape"])):
+                and all(is_int(s) and s >= 0 for s in info["shape"])):
             raise HiF4CheckpointError(f"tensor {key!r}: bad header entry")
         entries[key] = Entry(info["dtype"], tuple(info["shape"]), key)
     if meta["format_version"] == 1:

@@ -1,8 +1,8 @@
 """C++ CPU kernels for HiF4 (csrc/hif4_cpu.cpp), built on first use with torch's JIT.
 
-Why: the torch implementation in format.py needs ~50 tensor ops per chunk, and on
-a 2-core CPU their per-op overhead caps it near 2x the naive transcription. One
-C++ pass per group is ~10x faster. Building needs a C++ compiler and ninja; where
+Why: the torch implementation (torch_kernels.py) needs ~50 tensor ops per chunk; on a CPU
+their per-op overhead dominates, and one C++ pass per group has none (`python -m hifloat4
+bench` measures both on a machine). Building needs a C++ compiler and ninja; where
 either is missing the torch implementation (same bits, tested against each
 other) is used and a warning says why. Built once per machine, then cached by
 torch (TORCH_EXTENSIONS_DIR).

@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                         "measured at calibration (default: as calibrated)")
     p.add_argument("--rotation", choices=ROTATIONS, default=None,
                    help="block Hadamard rotation after the mask (default: as calibrated)")
-    p.add_argument("--rotation-block", type=int, default=512, help="Hadamard block size with --rotation hadamard")
+    p.add_argument("--rotation-block", type=int, default=hrotation.DEFAULT_BLOCK,
+                   help="Hadamard block size with --rotation hadamard")
     p.add_argument("--keep-high-precision", type=int, default=0, metavar="N",
                    help="leave the N layers with the largest W4A4 error measured at calibration unquantized")
     a = p.parse_args(argv)

@@ -4,7 +4,6 @@ The byte layouts (groups in files, planar rows in memory) are in layout.py.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -14,8 +13,6 @@ from torch import Tensor
 from . import backend
 from .format import from_groups, to_groups
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -35,29 +32,6 @@ class PackedHiF4:
     def nbytes(self) -> int:
         """Bytes of packed storage (codes and scales; shape metadata excluded)."""
         return self.data.numel()
-
-    def metadata(self) -> dict[str, str]:
-        """The fields safetensors metadata needs to rebuild this object."""
-        name = str(self.dtype).removeprefix("torch.")
-        return {"hif4": json.dumps({"shape": list(self.shape), "dim": self.dim, "dtype": name})}
-
-    @classmethod
-    def from_saved(cls, data: Tensor, metadata: dict[str, str]) -> PackedHiF4:
-        """Rebuild from a uint8 tensor and `metadata()`, validating both (untrusted files)."""
-        try:
-            meta = json.loads(metadata["hif4"])
-            shape = tuple(int(s) for s in meta["shape"])
-            dim, dtype = int(meta["dim"]), _DTYPES[meta["dtype"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"bad HiF4 packed metadata: {e!r}") from None
-        if not shape or any(s < 0 for s in shape) or not -len(shape) <= dim < len(shape):
-            raise ValueError(f"bad HiF4 packed shape {shape} / dim {dim}")
-        moved = list(shape)
-        k = moved.pop(dim % len(shape))
-        expected = (*moved, math.ceil(k / GROUP_SIZE), BYTES_PER_GROUP)
-        if data.dtype != torch.uint8 or tuple(data.shape) != expected:
-            raise ValueError(f"HiF4 packed data must be uint8 {expected}, got {data.dtype} {tuple(data.shape)}")
-        return cls(data, shape, dim % len(shape), dtype)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import experts as hexperts
+from . import masks as hmasks
 from . import rotation as hrotation
 from . import state as hstate
 from . import wan as hwan
@@ -23,7 +24,7 @@ from .linear import COMPUTE_CHOICES, LayerQuant
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 ROTATIONS = hrotation.SETTINGS  # besides None: as calibrated
-MAX_ROTATION_BLOCK = hstate.MAX_ROTATION_BLOCK
+MAX_ROTATION_BLOCK = hrotation.MAX_BLOCK  # nodes/policy.py reads this name
 
 
 def packed_nbytes(out_features: int, in_features: int) -> int:
@@ -48,7 +49,7 @@ class W4A4Config:
     alpha: float | None = None
     statistic: str | None = None
     rotation: str | None = None
-    rotation_block: int = 512
+    rotation_block: int = hrotation.DEFAULT_BLOCK
     keep_high_precision: int = 0
     compute: str = "auto"
 
@@ -66,8 +67,8 @@ class W4A4Config:
         if self.rotation is not None and self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be None (as calibrated) or one of {ROTATIONS}, got {self.rotation!r}")
         b = self.rotation_block
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_ROTATION_BLOCK:
-            raise ValueError(f"rotation_block must be an int in [1, {MAX_ROTATION_BLOCK}], got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= hrotation.MAX_BLOCK:
+            raise ValueError(f"rotation_block must be an int in [1, {hrotation.MAX_BLOCK}], got {b!r}")
         n = self.keep_high_precision
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"keep_high_precision must be an int >= 0, got {n!r}")
@@ -126,7 +127,7 @@ def most_sensitive(expert: hstate.ExpertState, n: int) -> tuple[str, ...]:
     """The n layers with the largest W4A4 error measured at calibration (ties: policy order)."""
     if n == 0:
         return ()
-    missing = [name for name, ls in expert.layers.items() if hstate.sensitivity(ls) is None]
+    missing = [name for name, ls in expert.layers.items() if hmasks.sensitivity(ls) is None]
     if missing:
         raise hstate.PTQStateError(
             f"keep_high_precision needs per-layer sensitivity, which this PTQ state lacks ({len(missing)} layers, "
@@ -134,7 +135,7 @@ def most_sensitive(expert: hstate.ExpertState, n: int) -> tuple[str, ...]:
             "this version, or set keep_high_precision to 0.")
     if n > len(expert.layers):
         raise ValueError(f"keep_high_precision is {n}, but the expert has only {len(expert.layers)} main layers")
-    return tuple(rank_by_sensitivity({name: hstate.sensitivity(ls) for name, ls in expert.layers.items()})[:n])
+    return tuple(rank_by_sensitivity({name: hmasks.sensitivity(ls) for name, ls in expert.layers.items()})[:n])
 
 
 def make_plan(config: W4A4Config, fingerprint: Mapping) -> Plan:
@@ -151,15 +152,11 @@ def make_plan(config: W4A4Config, fingerprint: Mapping) -> Plan:
         missing = [n for n in main if n not in state.experts[choice.name].layers]
         raise hstate.PTQStateError(f"the state's {choice.name!r} expert covers {len(state.experts[choice.name].layers)} "
                                    f"layers, the model has {len(main)} main layers; missing: {', '.join(missing[:5])}")
-    if config.alpha is not None or config.statistic is not None:
-        state = hstate.remask(state, alpha=config.alpha, statistic=config.statistic)
+    state, statistics = hmasks.remask(state, alpha=config.alpha, statistic=config.statistic)
     expert = state.experts[choice.name]
     kept = most_sensitive(expert, config.keep_high_precision)
     rotation = _rotation(config, state)
     layers = {n: LayerQuant(mask=ls.mask, rotation=hrotation.for_layer(rotation, shapes[n][1]))
               for n, ls in expert.layers.items() if n not in kept}
-    statistic = config.statistic or state.statistic
-    statistics = {n: hstate.adaptive_choice(expert.layers[n]) if statistic == "adaptive" else statistic
-                  for n in layers}
     return Plan(expert=choice.name, layers=layers, kept=kept, shapes={n: shapes[n] for n in main},
-                statistics=statistics, warning=choice.warning)
+                statistics={n: statistics[choice.name][n] for n in layers}, warning=choice.warning)

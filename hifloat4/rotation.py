@@ -4,8 +4,8 @@ rotate(v) = blockdiag(H_b / sqrt(b)) @ diag(s) @ v for every row v[..., K], with
 the Sylvester Hadamard matrix and s random +-1 signs. The transform R is orthonormal,
 so rotate(x * m) @ rotate(W / m)^T == x @ W^T exactly in real arithmetic: applied
 after the channel mask, it spreads each block's outliers over the block before
-HiF4 quantization. b must be a power of two dividing K; 512 divides every Wan2.2
-in-feature size (3072, 4096, 5120, 13824, 14336), the default.
+HiF4 quantization. b must be a power of two dividing K; DEFAULT_BLOCK (512) divides
+every Wan2.2 in-feature size (3072, 4096, 5120, 13824, 14336).
 
 The signs come from torch.Generator(cpu).manual_seed(seed) (the first K draws of
 randint(0, 2)), then move to the device, so the same Rotation(block, seed) gives the
@@ -28,13 +28,16 @@ from torch import Tensor
 
 # Values per row chunk: CPU keeps both fp32 buffers in L2; elsewhere few launches.
 _CHUNK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
+# The block setting's default and limit, for every caller (nodes, CLI, W4A4Config, state files).
+DEFAULT_BLOCK = 512  # divides every Wan2.2 in-feature size
+MAX_BLOCK = 8192  # Wan2.2's in-features take blocks up to 2048; larger only costs time
 
 
 @dataclass(frozen=True)
 class Rotation:
     """A block-diagonal randomized Hadamard rotation; (block, seed) define it fully."""
 
-    block: int = 512
+    block: int = DEFAULT_BLOCK
     seed: int = 0
 
     def __post_init__(self) -> None:

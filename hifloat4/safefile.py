@@ -2,7 +2,7 @@
 file the project reads (PTQ states, packed checkpoints, source models, folder
 listings) and the one atomic writer. Never unpickles anything.
 
-Why each guard exists (a fuzz run of hostile files, issue 12):
+Why each guard exists (each answers a case of a fuzz run of hostile files):
 - regular files only, checked on the open descriptor (opened with O_NONBLOCK, then
   fstat), so a FIFO or a device in a model folder cannot block a reader;
 - the header length is capped and checked against the file size before it is read;
@@ -38,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger("hifloat4")
 
-MAX_HEADER_BYTES = 4 * 2**20  # a Wan2.2-A14B header is ~0.2 MB; parsing 4 MB of anything takes ~1 s
+MAX_HEADER_BYTES = 4 * 2**20  # a Wan2.2-A14B header is ~0.2 MB; the cap bounds a hostile header's parse time
 MAX_JSON_DEPTH = 32  # our metadata nests 6 deep; free-form user fields get some room
 MAX_JSON_CONTAINERS = 100_000  # objects + arrays; an A14B header has ~4k (3 per tensor)
 MAX_INT = 2**63 - 1  # JSON integers must fit int64 (seeds, shapes, offsets)
@@ -46,6 +46,8 @@ MAX_INT = 2**63 - 1  # JSON integers must fit int64 (seeds, shapes, offsets)
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+SUFFIX = ".safetensors"  # every file the project reads or writes
+EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # an expert's name in a state or a checkpoint
 STALE_TEMP_S = 3600.0  # a temp file untouched this long belongs to a killed save (writers touch it per tensor)
 _TEMP_RE = re.compile(r"\..+\.safetensors\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp names made by atomic_file
 _STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -56,6 +58,11 @@ _DEPTH_STEPS = bytes.maketrans(b"[{]}", bytes([1, 1, 255, 255]))  # +1 / -1 as i
 class HiF4FileError(ValueError):
     """A file this project refuses to read or write; the message is one line naming why.
     PTQStateError and HiF4CheckpointError are its subclasses."""
+
+
+def is_int(v) -> bool:
+    """An integer from JSON (bool is an int to Python, but true is no number)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def few(names: Iterable[str]) -> str:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from .linear import LayerQuant, prepare_activation, prepare_weight
+from .masks import candidate_mask
 from .rotation import Rotation, for_layer
-from .state import CANDIDATES, LayerState, candidate_mask
+from .state import CANDIDATES, LayerState
 
 # An undefined or overflowing error (x W^T == 0 with a non-zero quantized output, or
 # inf norms) counts as the largest float32: such a layer is as sensitive as it gets.
@@ -134,14 +135,6 @@ def _float_layer(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     x = _finite_float(x.reshape(-1, x.shape[-1]))
     weight = to_device(weight, x.device)  # a no-op when it is there already
     return x, weight, x @ weight.float().T
-
-
-@torch.no_grad()
-def relative_error(x: Tensor, weight: Tensor, quant: LayerQuant) -> Tensor:
-    """||Q(x m) Q(W/m)^T - x W^T||_F / ||x W^T||_F over the tokens x[..., C], in float32
-    (0-d, on x's device); the bias cancels, so it is left out."""
-    x, weight, ref = _float_layer(x, weight)
-    return _relative(_quantized_output(x, weight, quant), ref)
 
 
 @torch.no_grad()

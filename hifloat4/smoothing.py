@@ -108,7 +108,3 @@ def channel_mask(w_absmax: Tensor, act_stat: Tensor | None, config: MaskConfig =
     usable = torch.isfinite(w) & (w > 0) & torch.isfinite(a) & (a > 0)
     return torch.where(usable, m, torch.ones_like(m)).to(torch.float32)
 
-
-def layer_mask(weight: Tensor, stats: SupportsChannelStats, config: MaskConfig = MaskConfig()) -> Tensor:
-    """The mask of one Linear from its weight and calibration statistics."""
-    return channel_mask(weight_absmax(weight), activation_statistic(stats, config), config)

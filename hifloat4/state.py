@@ -5,7 +5,7 @@ Layout (format version 2). Tensors per expert and main layer, C = in_features:
     "<expert>/<layer>/mask"    (C,) fp16   m_c, the SmoothQuant channel mask in use
     "<expert>/<layer>/absmax"  (C,) bf16   max |x_c| over calibration tokens
     "<expert>/<layer>/tail"    (C,) bf16   the percentile statistic of |x_c|
-    "<expert>/<layer>/wmax"    (C,) bf16   max_o |W[o, c]|, so masks can be re-derived (remask)
+    "<expert>/<layer>/wmax"    (C,) bf16   max_o |W[o, c]|, so masks can be re-derived (masks.remask)
     "<expert>/<layer>/tails"   (3, C) bf16 |x_c| at ADAPTIVE_PERCENTILES (p99, p99.9, p99.99)
     "<expert>/<layer>/errors"  (5,) fp32   relative output error ||Q(x m) Q(W/m)^T - x W^T|| / ||x W^T||
                                            on the calibration token sample, for the masks of
@@ -28,7 +28,6 @@ dtype, shape and bytes. `load_state` checks all of it and raises PTQStateError.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -41,19 +40,23 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from hifloat4 import rotation as hrotation
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
 from hifloat4.safefile import (
+    EXPERT_RE,
+    SUFFIX,
     HiF4FileError,
     atomic_file,
     check_fields,
     few,
+    is_int,
     loads_json,
     parse_header,
     read_regular,
     safe_output_path,
 )
-from hifloat4.smoothing import STATISTICS, MaskConfig, activation_statistic, channel_mask
+from hifloat4.smoothing import STATISTICS
 from hifloat4.stats import ADAPTIVE_PERCENTILES
 from hifloat4.version import __version__
 
@@ -79,12 +82,10 @@ REMASK_STATISTICS: tuple[str, ...] = STATISTICS + ("adaptive",)
 # each other to pick the adaptive statistic): 0.117% (`layer_nbytes`).
 FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16,
                 "tails": torch.bfloat16, "errors": torch.float32}
-SUFFIX = ".safetensors"
 _TAIL_SLACK = 1e-6  # tail <= absmax (and tails in order) up to float rounding of the interpolation
-MAX_ROTATION_BLOCK = 8192  # the Apply node's limit; Wan2.2's in-features take blocks up to 2048
+MAX_ROTATION_BLOCK = hrotation.MAX_BLOCK  # nodes/calibrate.py reads this name
 MAX_STATE_BYTES = 2**30  # read whole: both A14B experts are 37 MiB
 
-_EXPERT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LAYER_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
@@ -141,66 +142,7 @@ class PTQState:
         return list(self.experts)
 
 
-# --------------------------------------------------------------------------- masks
-
-def _mask(wmax: Tensor, act: Tensor | None, alpha: float, statistic: str) -> Tensor:
-    """The stored (fp16) mask from stored statistics; `act` is unused for "none"."""
-    mask = channel_mask(wmax.float(), None if act is None else act.float(),
-                        MaskConfig(alpha=alpha, statistic=statistic))
-    return mask.to(FIELD_DTYPES["mask"])
-
-
-def _statistic_mask(ls: LayerState, alpha: float, statistic: str) -> Tensor:
-    """The stored mask of a tail / max / none statistic from the layer's stored statistics
-    (hifloat4.smoothing.activation_statistic says which statistic that is)."""
-    config = MaskConfig(alpha=alpha, statistic=statistic)
-    return _mask(ls.wmax, activation_statistic(ls, config), alpha, statistic)
-
-
-def _stored(t: Tensor, f: str) -> Tensor:
-    return t.detach().cpu().to(FIELD_DTYPES[f])
-
-
-def make_layer_state(wmax: Tensor, absmax: Tensor, tail: Tensor, *, alpha: float, statistic: str,
-                     tails: Tensor | None = None, errors: Tensor | None = None) -> LayerState:
-    """LayerState: statistics rounded to their storage dtype, then the mask derived
-    from the rounded values (hifloat4.smoothing.channel_mask) and stored in fp16, so
-    remask with the same settings reproduces it bit for bit."""
-    stored = LayerState(mask=None, absmax=_stored(absmax, "absmax"), tail=_stored(tail, "tail"),  # mask: below
-                        wmax=_stored(wmax, "wmax"), tails=None if tails is None else _stored(tails, "tails"),
-                        errors=None if errors is None else _stored(errors, "errors"))
-    return dataclasses.replace(stored, mask=_statistic_mask(stored, alpha, statistic))
-
-
-def _require(ls: LayerState, field: str, what: str) -> None:
-    if getattr(ls, field) is None:
-        raise PTQStateError(f"{what} needs the per-layer {field} that calibration records since PTQ format "
-                            f"version {FORMAT_VERSION}; this state (version 1) lacks them: recalibrate with "
-                            f"this version")
-
-
-def candidate_mask(ls: LayerState, candidate: str, alpha: float) -> Tensor:
-    """The stored-precision mask a CANDIDATES statistic gives this layer at `alpha`."""
-    if candidate not in CANDIDATES:
-        raise PTQStateError(f"candidate must be one of {CANDIDATES}, got {candidate!r}")
-    _require(ls, "tails", f"statistic {candidate!r}")
-    if candidate == "max":
-        return _statistic_mask(ls, alpha, "max")
-    return _mask(ls.wmax, ls.tails[CANDIDATES.index(candidate)], alpha, "tail")
-
-
-def sensitivity(ls: LayerState) -> float | None:
-    """How much W4A4 hurts this layer as calibrated: its relative output error on the
-    calibration sample (errors[0]); None for a version 1 state."""
-    return None if ls.errors is None else float(ls.errors[0])
-
-
-def adaptive_choice(ls: LayerState) -> str:
-    """The CANDIDATES statistic with the lowest measured output error (ties: the earlier one)."""
-    _require(ls, "errors", "the adaptive statistic")
-    errors = ls.errors[1:].tolist()
-    return CANDIDATES[errors.index(min(errors))]
-
+# --------------------------------------------------------------------------- versions and sizes
 
 def missing_features(state: PTQState) -> list[str]:
     """What a version 1 state cannot do, in words for nodes and the CLI; [] for version 2."""
@@ -218,31 +160,6 @@ def format_version(state: PTQState) -> int:
     if has == {(False, False)}:
         return 1
     raise PTQStateError("every layer needs both tails and errors (format version 2) or neither (version 1)")
-
-
-def remask(state: PTQState, alpha: float | None = None, statistic: str | None = None) -> PTQState:
-    """A new state whose masks are re-derived from the stored statistics and weight
-    absmax with another alpha and/or statistic: no recalibration needed.
-
-    "adaptive" gives each layer the mask of its `adaptive_choice` at `alpha` (the
-    choice was measured at the calibrated alpha and rotation). The recorded errors
-    are kept: they describe the calibration, not the new masks.
-    """
-    alpha = state.alpha if alpha is None else alpha
-    statistic = state.statistic if statistic is None else statistic
-    if statistic not in REMASK_STATISTICS:
-        raise PTQStateError(f"statistic must be one of {REMASK_STATISTICS}, got {statistic!r}")
-
-    def mask(ls: LayerState) -> Tensor:
-        if statistic == "adaptive":
-            return candidate_mask(ls, adaptive_choice(ls), alpha)
-        return _statistic_mask(ls, alpha, statistic)
-
-    experts = {
-        name: ExpertState(layers={ln: dataclasses.replace(ls, mask=mask(ls)) for ln, ls in ex.layers.items()},
-                          fingerprint=ex.fingerprint)
-        for name, ex in state.experts.items()}
-    return dataclasses.replace(state, experts=experts, alpha=float(alpha), statistic=statistic)
 
 
 def layer_nbytes(channels: int) -> int:
@@ -264,10 +181,6 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 _TYPES = {
     "format": (str,), "format_version": (int,), "hif4_spec": (str,), "method": (str,),
     "alpha": (int, float), "percentile": (int, float), "statistic": (str,), "rotation": (dict, type(None)),
@@ -281,7 +194,7 @@ def _check_metadata(meta) -> None:
         raise PTQStateError("bad metadata: not a JSON object")
     if meta.get("format") != FORMAT_NAME:
         raise PTQStateError(f"wrong format name {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("format_version") not in READABLE_VERSIONS or not _is_int(meta.get("format_version")):
+    if meta.get("format_version") not in READABLE_VERSIONS or not is_int(meta.get("format_version")):
         raise PTQStateError(f"unsupported format version {meta.get('format_version')!r}, "
                             f"this tool reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     check_fields(meta, _TYPES, PTQStateError)
@@ -298,7 +211,7 @@ def _check_metadata(meta) -> None:
 
 
 def _check_rotation(rot: dict | None) -> None:
-    """What the rotation code accepts (block a power of two, seed in [0, 2**63)), block <= MAX_ROTATION_BLOCK."""
+    """What the rotation code accepts (block a power of two, seed in [0, 2**63)), block <= rotation.MAX_BLOCK."""
     if rot is None:
         return
     if set(rot) != {"block", "seed"}:
@@ -307,8 +220,8 @@ def _check_rotation(rot: dict | None) -> None:
         Rotation(block=rot["block"], seed=rot["seed"])
     except ValueError as e:
         raise PTQStateError(f"rotation: {e}") from None
-    if rot["block"] > MAX_ROTATION_BLOCK:
-        raise PTQStateError(f"rotation block {rot['block']} is larger than {MAX_ROTATION_BLOCK}")
+    if rot["block"] > hrotation.MAX_BLOCK:
+        raise PTQStateError(f"rotation block {rot['block']} is larger than {hrotation.MAX_BLOCK}")
 
 
 def _check_experts(experts: list) -> None:
@@ -319,7 +232,7 @@ def _check_experts(experts: list) -> None:
         if not (isinstance(ex, dict) and set(ex) == {"name", "layers", "fingerprint"}):
             raise PTQStateError("each expert must be an object with exactly name, layers, fingerprint")
         name, layers, fp = ex["name"], ex["layers"], ex["fingerprint"]
-        if not (isinstance(name, str) and _EXPERT_RE.fullmatch(name)):
+        if not (isinstance(name, str) and EXPERT_RE.fullmatch(name)):
             raise PTQStateError(f"bad expert name {name!r}")
         names.append(name)
         try:

@@ -237,13 +237,6 @@ def channel_percentile(x: Tensor, q: float, channel_chunk: int | None = None) ->
     return _gather(x, (_check_percentile(q),), channel_chunk)[0]
 
 
-def channel_percentiles(x: Tensor, qs: tuple[float, ...], channel_chunk: int | None = None) -> Tensor:
-    """channel_percentile for several q at once, (len(qs), C) fp32, from one selection."""
-    if not qs:
-        raise ValueError("qs must name at least one percentile")
-    return _gather(x, tuple(_check_percentile(q) for q in qs), channel_chunk)
-
-
 class ChannelStats:
     """Running statistics of one Linear's input: absmax, tail and the
     ADAPTIVE_PERCENTILES tails, each max over calls.

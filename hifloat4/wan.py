@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .safefile import is_int
+
 MAIN_SUFFIXES = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
@@ -119,18 +121,6 @@ def main_linear_names(obj: WanLike) -> list[str]:
     """The quantized layers: per block (in block order) self_attn.q/k/v/o,
     cross_attn.q/k/v/o, ffn.0, ffn.2."""
     return classify_layer_names(linear_shapes(obj))[0]
-
-
-def boundary_linear_names(obj: WanLike) -> list[str]:
-    """Layers kept in high precision: text/time embeddings, time projection, head,
-    and img_emb.* where present (they see raw inputs or write the output)."""
-    return classify_layer_names(linear_shapes(obj))[1]
-
-
-def unclassified_linear_names(obj: WanLike) -> list[str]:
-    """Linears that are neither main nor boundary (e.g. Wan2.1-I2V cross_attn.k_img/v_img,
-    VACE projections). Policy: left untouched; listed so callers can report them."""
-    return classify_layer_names(linear_shapes(obj))[2]
 
 
 # --------------------------------------------------------------------------- variant
@@ -304,12 +294,10 @@ def check_fingerprint(fp) -> None:
     if not isinstance(layers, dict) or not layers:
         raise ValueError("fingerprint layers must be a non-empty object")
     for name, shape in layers.items():
-        if not (isinstance(shape, list) and len(shape) == 2
-                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(s) and s > 0 for s in shape)):
             raise ValueError(f"fingerprint shape of {name!r} must be [out, in] positive ints, got {shape!r}")
     patch = fp["patch_embedding"]
-    if patch is not None and not (isinstance(patch, list) and all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in patch)):
+    if patch is not None and not (isinstance(patch, list) and all(is_int(s) and s > 0 for s in patch)):
         raise ValueError(f"fingerprint patch_embedding must be null or positive ints, got {patch!r}")
     if fp["shape_hash"] != shape_hash(layers, patch):
         raise ValueError("fingerprint shape_hash does not match its layers")

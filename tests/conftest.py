@@ -24,3 +24,33 @@ def implementation(request, monkeypatch):
         pytest.skip("Triton cannot run on CPU tensors here (a CUDA machine: tests/test_triton_kernels.py covers it)")
     monkeypatch.setenv(backend.ENV, request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated():
+    """A factory: `tiny_calibrated(experts=(...), **size)` -> (models, state): tiny T2V
+    Wan2.2 experts of that size (make_tiny_wan's keywords), weights rounded to bf16 (what
+    a checkpoint holds), and a PTQ state calibrated (CalibConfig defaults) on one forward
+    per expert. Built once per size and experts for the whole session: copy before changing."""
+    from hifloat4.calibrate import CalibConfig, calibrate
+    from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
+
+    built: dict = {}
+
+    def make(experts: tuple[str, ...] = ("high_noise", "low_noise"), **size):
+        key = (tuple(experts), tuple(sorted(size.items())))
+        if key not in built:
+            models = {e: make_tiny_wan("t2v", expert=e, **size) for e in experts}
+            with torch.no_grad():
+                for m in models.values():
+                    for p in m.parameters():
+                        p.copy_(p.bfloat16().float())
+
+            def run() -> None:
+                for m in models.values():
+                    m(*example_inputs(m, text_len=8))
+
+            built[key] = models, calibrate(models, run, CalibConfig())
+        return built[key]
+
+    return make

@@ -1,4 +1,4 @@
-"""A deliberately simple HiF4 reference, transcribed step by step from HIF4_SPEC.md.
+"""A deliberately simple HiF4 reference, transcribed step by step from docs/hif4_spec.md.
 
 Float64 numpy, one group at a time, exact rational rounding helpers. Slow and
 obviously correct; the fast quantizer in hifloat4.format is checked against it.
@@ -7,8 +7,24 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
+
+# The reference vectors (docs/hif4_spec.md, "Reference vectors"), vendored so a clone tests alone.
+VECTORS = Path(__file__).resolve().parent / "fixtures" / "hif4_reference_vectors.npz"
+
+
+def vector_cases() -> list[str]:
+    """The case names of VECTORS ("NAME" of each NAME/input, NAME/expected pair), sorted."""
+    with np.load(VECTORS) as d:
+        return sorted({k.rsplit("/", 1)[0] for k in d.files})
+
+
+def vector(case: str) -> tuple[np.ndarray, np.ndarray]:
+    """(input, expected) of one case, float32."""
+    with np.load(VECTORS) as d:
+        return d[case + "/input"], d[case + "/expected"]
 
 
 def round_half_even_to_bits(v: float, bits: int) -> float:

@@ -1,26 +1,12 @@
 """The "Compare Videos (HiF4)" node (nodes/compare.py): report text and plot image.
-
-Loaded by path: the name `nodes` belongs to ComfyUI's own module when ComfyUI is
-importable. The plot needs PIL, which ComfyUI always ships."""
+The plot needs PIL, which ComfyUI always ships."""
 from __future__ import annotations
-
-import importlib.util
-import pathlib
 
 import pytest
 import torch
+from nodes_by_path import load_node_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("hifloat4_nodes_compare", ROOT / "nodes" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load()
+compare = load_node_module("compare")
 
 
 def frames(n=3, h=20, w=28, seed=0):

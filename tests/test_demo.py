@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from hifloat4.state import load_state
 from hifloat4.tools import demo
@@ -84,19 +83,6 @@ def test_output_states_plainly_whether_tail_aware_beat_max(quick, result):
 def test_progress_goes_to_stderr_and_the_table_to_stdout(quick):
     assert "[demo] calibrate" in quick["err"] and "[demo]" not in quick["out"]
     assert "tail-aware + Hadamard" in quick["out"]
-
-
-def test_held_out_prompts_are_not_calibration_prompts():
-    cfg = demo.DemoConfig(**demo.QUICK)
-    calib, held_out = demo.synthetic_contexts(cfg, "calib", 3), demo.synthetic_contexts(cfg, "eval", 3)
-    assert not any(torch.equal(c, h) for c in calib for h in held_out)
-
-
-def test_synthetic_prompts_are_padded_with_zeros_after_the_active_tokens():
-    cfg = demo.DemoConfig(**demo.QUICK)
-    ctx = demo.synthetic_contexts(cfg, "eval", 1)[0]
-    assert ctx.shape == (1, cfg.context_len, cfg.text_dim)
-    assert ctx[0, :cfg.active_tokens].abs().sum(-1).gt(0).all() and ctx[0, cfg.active_tokens:].eq(0).all()
 
 
 @pytest.mark.parametrize("tail, other, verdict", [

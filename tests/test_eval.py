@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from hifloat4.tools import demo
+from hifloat4 import rotation
 from hifloat4.tools.eval import cli, methods, real_model, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +114,7 @@ def test_missing_matplotlib_skips_plots_but_still_prints_tables(tmp_path, monkey
     assert (tmp_path / "results.json").exists()
 
 
-def test_held_out_prompts_and_sentences_are_never_calibration_ones():
-    cfg = demo.DemoConfig(**demo.QUICK)
-    calib = demo.synthetic_contexts(cfg, "calib", 8)
-    held = demo.synthetic_contexts(cfg, "eval", 2)
-    assert not any(c.equal(h) for c in calib for h in held)
+def test_held_out_sentences_are_never_calibration_ones():
     assert not set(real_model.CALIBRATION) & set(real_model.HELD_OUT)
     assert len(real_model.SENTENCES) == len(set(real_model.SENTENCES)) >= 40
 
@@ -136,10 +133,13 @@ def test_rotation_rows_can_be_limited_to_some_alphas():
     assert len(grid) == 13 + 5
 
 
-def test_rotation_block_is_the_largest_power_of_two_dividing_every_in_feature_size():
-    assert methods.rotation_block_for([384, 1536]) == 128
-    assert methods.rotation_block_for([256, 512]) == 256
-    assert methods.rotation_block_for([5120, 13824]) == 512
+def test_rotated_methods_give_each_layer_the_shipped_rotation_rule():
+    stats = {f"l{k}": methods.LayerStats(wmax=torch.ones(k), absmax=torch.ones(k), tails={99.9: torch.ones(k)})
+             for k in (384, 1536)}
+    layers = methods.layer_map(stats, methods.Method("tail", 0.5, 99.9, rotation=True))
+    shipped = rotation.hadamard(rotation.DEFAULT_BLOCK)
+    assert {n: q.rotation for n, q in layers.items()} == {f"l{k}": rotation.for_layer(shipped, k) for k in (384, 1536)}
+    assert layers["l384"].rotation.block == 128 and layers["l1536"].rotation.block == 512
 
 
 def test_command_line_dispatches_eval():

@@ -15,7 +15,6 @@ from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexp
 from hifloat4 import quantize_, wan
 from hifloat4 import state as hstate
-from hifloat4.calibrate import CalibConfig, calibrate
 from hifloat4.packed_linear import PackedHiF4Linear, pack_weight
 from hifloat4.plan import W4A4Config, make_plan
 from hifloat4.rotation import Rotation
@@ -26,26 +25,14 @@ HIGH, LOW = "high_noise", "low_noise"
 SIZE = {"dim": 128, "ffn_dim": 256, "layers": 2, "text_dim": 64}
 
 
-def _model(expert=HIGH):
-    m = make_tiny_wan("t2v", expert=expert, **SIZE)
-    with torch.no_grad():  # what a bf16 checkpoint holds
-        for p in m.parameters():
-            p.copy_(p.bfloat16().float())
-    return m
+@pytest.fixture(scope="module")
+def models(tiny_calibrated):
+    return tiny_calibrated(**SIZE)[0]
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {HIGH: _model(HIGH), LOW: _model(LOW)}
-
-
-@pytest.fixture(scope="module")
-def ptq_state(models):
-    def run():
-        for m in models.values():
-            x, t, ctx = example_inputs(m, text_len=8)
-            m(x, t, ctx)
-    return calibrate(models, run, CalibConfig())
+def ptq_state(tiny_calibrated):
+    return tiny_calibrated(**SIZE)[1]
 
 
 @pytest.fixture(scope="module")

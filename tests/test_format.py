@@ -1,18 +1,13 @@
-"""HiF4 fake quantization, specified behaviour by behaviour (HIF4_SPEC.md)."""
+"""HiF4 fake quantization, specified behaviour by behaviour (docs/hif4_spec.md)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from hif4_reference import quantize_dequantize_reference, round_half_even_to_bits
+from hif4_reference import quantize_dequantize_reference, round_half_even_to_bits, vector, vector_cases
 
 from hifloat4 import quantize_dequantize
 from hifloat4.spec import SCALE_MAX, SCALE_MIN, group_scales, scale_table
 from hifloat4.torch_kernels import lookup_scales
-
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
 
 # every behaviour holds for both implementations: the C++ CPU kernel and pure torch
 pytestmark = pytest.mark.usefixtures("implementation")
@@ -33,31 +28,17 @@ def reference(x: torch.Tensor) -> torch.Tensor:
 
 # --- conformance -------------------------------------------------------------------
 
-def _vector_cases():
-    if not VECTORS.exists():
-        return []
-    with np.load(VECTORS) as d:
-        return sorted({k.rsplit("/", 1)[0] for k in d.files})
-
-
-@pytest.mark.parametrize("case", _vector_cases())
+@pytest.mark.parametrize("case", vector_cases())
 def test_reference_vector_matches_bit_for_bit(case):
-    with np.load(VECTORS) as d:
-        x, expected = d[case + "/input"], d[case + "/expected"]
+    x, expected = vector(case)
     out = quantize_dequantize(torch.from_numpy(x))
     assert bits_equal(out, torch.from_numpy(expected)), case
-
-
-def test_reference_vectors_are_present():
-    assert VECTORS.exists(), f"shared HiF4 vectors missing at {VECTORS}"
-    assert len(_vector_cases()) >= 15
 
 
 def test_half_precision_reference_case_matches_in_its_own_dtype():
     # The case named "bf16_inputs" holds fp16-representable values (10 mantissa bits),
     # not bf16 ones: given as fp16 it is the same data and must match exactly.
-    with np.load(VECTORS) as d:
-        x, expected = torch.from_numpy(d["bf16_inputs/input"]), torch.from_numpy(d["bf16_inputs/expected"])
+    x, expected = (torch.from_numpy(a) for a in vector("bf16_inputs"))
     assert torch.equal(x.half().float(), x)
     out = quantize_dequantize(x.half())
     assert out.dtype == torch.float16
@@ -65,8 +46,7 @@ def test_half_precision_reference_case_matches_in_its_own_dtype():
 
 
 def test_reference_case_rounded_to_bf16_matches_the_spec_transcription():
-    with np.load(VECTORS) as d:
-        xb = torch.from_numpy(d["bf16_inputs/input"]).bfloat16()
+    xb = torch.from_numpy(vector("bf16_inputs")[0]).bfloat16()
     out = quantize_dequantize(xb)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out.float(), reference(xb.float()))

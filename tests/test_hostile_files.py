@@ -1,7 +1,7 @@
 """Hostile files: every reader (PTQ state, packed checkpoint, export source, inspect,
 export CLI, the marker check and folder listing) refuses them with the project's own
 error (a HiF4FileError), in bounded time and memory; saves stay inside their folder.
-The cases of issue 12's fuzz run, plus hypothesis for the fuzzable ones."""
+The cases of a fuzz run of hostile files, plus hypothesis for the fuzzable ones."""
 from __future__ import annotations
 
 import contextlib
@@ -25,11 +25,9 @@ from hifloat4 import checkpoint as hckpt
 from hifloat4 import export as hexp
 from hifloat4 import safefile
 from hifloat4 import state as hstate
-from hifloat4.calibrate import CalibConfig, calibrate
 from hifloat4.plan import W4A4Config
 from hifloat4.safefile import HiF4FileError
 from hifloat4.tools import inspect_state
-from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
 SIZE = {"dim": 128, "ffn_dim": 256, "layers": 2, "text_dim": 64}
 HIGH = "high_noise"
@@ -52,13 +50,10 @@ def deadline(seconds: float = SECONDS):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_calibrated):
     d = tmp_path_factory.mktemp("hostile")
-    model = make_tiny_wan("t2v", expert=HIGH, **SIZE)
-
-    def run():
-        model(*example_inputs(model, text_len=8))
-    state = calibrate({HIGH: model}, run, CalibConfig())
+    models, state = tiny_calibrated((HIGH,), **SIZE)
+    model = models[HIGH]
     paths = {"state": d / "state.safetensors", "model": d / "model.safetensors", "packed": d / "packed.safetensors"}
     hstate.save_state(paths["state"], state)
     save_file({k: v.bfloat16() for k, v in model.state_dict().items()}, str(paths["model"]))

@@ -1,23 +1,10 @@
 """Specification of nodes/policy.py: the pure decisions of the ComfyUI nodes
 (prompts, state file names, empty file lists). Plain CPU,
 no ComfyUI."""
-import importlib.util
-import pathlib
-
 import pytest
+from nodes_by_path import load_node_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_policy():
-    # by path: the name `nodes` belongs to ComfyUI's own module when ComfyUI is importable
-    spec = importlib.util.spec_from_file_location("hifloat4_nodes_policy", ROOT / "nodes" / "policy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-policy = _load_policy()
+policy = load_node_module("policy")
 
 # --------------------------------------------------------------------------- prompts
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hifloat4 import pack, quantize_dequantize, unpack, unpack_rows
-from hifloat4.packing import PackedHiF4
 from hifloat4.spec import BYTES_PER_GROUP
 
 # every behaviour holds for both implementations: the C++ CPU kernel and pure torch
@@ -65,38 +63,9 @@ def test_row_slices_unpack_to_the_same_rows():
     assert same_bits(unpack_rows(p, 7, 23), quantize_dequantize(w)[7:23])
 
 
-def test_round_trips_through_safetensors(tmp_path):
-    x = wide_range((6, 130), torch.bfloat16)
-    p = pack(x)
-    save_file({"w": p.data}, tmp_path / "p.safetensors", metadata=p.metadata())
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "p.safetensors", "pt") as f:
-        meta = f.metadata()
-    loaded = PackedHiF4.from_saved(load_file(tmp_path / "p.safetensors")["w"], meta)
-    assert same_bits(unpack(loaded), quantize_dequantize(x))
-
-
 def test_nan_or_inf_cannot_be_packed():
     x = torch.zeros(64)
     x[3] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         pack(x)
 
-
-@pytest.mark.parametrize(
-    "meta",
-    [{}, {"hif4": "not json"}, {"hif4": '{"shape": [6, 130], "dim": 5, "dtype": "bfloat16"}'},
-     {"hif4": '{"shape": [6, 130], "dim": 1, "dtype": "int8"}'},
-     {"hif4": '{"shape": [6, 200], "dim": 1, "dtype": "bfloat16"}'}],
-)
-def test_bad_saved_metadata_is_refused(meta):
-    data = torch.zeros(6, 3, 36, dtype=torch.uint8)
-    with pytest.raises(ValueError):
-        PackedHiF4.from_saved(data, meta)
-
-
-def test_saved_data_of_the_wrong_dtype_is_refused():
-    p = pack(torch.randn(6, 130))
-    with pytest.raises(ValueError, match="uint8"):
-        PackedHiF4.from_saved(p.data.to(torch.int16), p.metadata())

@@ -10,32 +10,26 @@ import torch
 from torch import nn
 
 from hifloat4 import LayersConfig, W4A4Config, quantize_, wan
-from hifloat4.calibrate import CalibConfig, calibrate
 from hifloat4.experts import HIGH, LOW, ExpertMismatch
 from hifloat4.linear import HiF4Linear
+from hifloat4.masks import remask
 from hifloat4.packed_linear import PackedHiF4Linear
 from hifloat4.plan import Plan, make_plan
 from hifloat4.rotation import Rotation
-from hifloat4.state import PTQStateError, remask
+from hifloat4.state import PTQStateError
 from hifloat4.tools.tiny_wan import example_inputs, make_tiny_wan
 
-
-def tiny(expert: str = HIGH, ffn_dim: int = 384):
-    return make_tiny_wan("t2v", dim=128, ffn_dim=ffn_dim, layers=2, text_dim=64, expert=expert)
+SIZE = {"dim": 128, "ffn_dim": 384, "layers": 2, "text_dim": 64}  # ffn 384 = 3 x 128: blocks get fitted
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {HIGH: tiny(HIGH), LOW: tiny(LOW)}
+def models(tiny_calibrated):
+    return tiny_calibrated(**SIZE)[0]
 
 
 @pytest.fixture(scope="module")
-def state(models):
-    def run():
-        for m in models.values():
-            x, t, ctx = example_inputs(m, frames=2, height=8, width=8, text_len=16)
-            m(x, t, ctx)
-    return calibrate(models, run, CalibConfig())
+def state(tiny_calibrated):
+    return tiny_calibrated(**SIZE)[1]
 
 
 def fp(model):
@@ -55,7 +49,7 @@ def test_the_plan_quantizes_every_main_layer_with_the_stored_mask(state, models)
 
 def test_alpha_and_statistic_choices_give_the_masks_remask_gives(state, models):
     plan = make_plan(W4A4Config(state, alpha=0.3, statistic="max"), fp(models[HIGH]))
-    expected = remask(state, alpha=0.3, statistic="max").experts[HIGH].layers
+    expected = remask(state, alpha=0.3, statistic="max").state.experts[HIGH].layers
     assert all(torch.equal(q.mask, expected[n].mask) for n, q in plan.layers.items())
     assert set(plan.statistics.values()) == {"max"}
 
@@ -129,7 +123,7 @@ def test_quantize_refuses_an_untyped_config():
 
 
 def test_keeping_n_layers_leaves_the_n_largest_calibration_errors_unquantized(state, models):
-    from hifloat4.state import sensitivity
+    from hifloat4.masks import sensitivity
     plan = make_plan(W4A4Config(state, keep_high_precision=3), fp(models[HIGH]))
     errors = {n: sensitivity(ls) for n, ls in state.experts[HIGH].layers.items()}
     assert set(plan.kept) == set(sorted(errors, key=errors.get, reverse=True)[:3])
@@ -160,10 +154,10 @@ def test_keeping_layers_of_a_version_1_state_says_what_is_missing(state, models)
 
 
 def test_adaptive_statistic_takes_each_layers_lowest_error_candidate(state, models):
-    from hifloat4.state import adaptive_choice
+    from hifloat4.masks import adaptive_choice
     plan = make_plan(W4A4Config(state, statistic="adaptive"), fp(models[HIGH]))
     assert plan.statistics == {n: adaptive_choice(ls) for n, ls in state.experts[HIGH].layers.items()}
-    expected = remask(state, statistic="adaptive").experts[HIGH].layers
+    expected = remask(state, statistic="adaptive").state.experts[HIGH].layers
     assert all(torch.equal(q.mask, expected[n].mask) for n, q in plan.layers.items())
 
 

@@ -2,14 +2,21 @@
 the Comfy Registry metadata is complete and consistent."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hif4_reference import VECTORS, vector_cases
 
 ROOT = Path(__file__).resolve().parents[1]
+# The vectors in the project's shared folder, when this checkout has it beside it (CI has; a
+# clone may not; HIF4_SHARED_VECTORS names the file from elsewhere, e.g. a git worktree).
+SHARED_VECTORS = Path(os.environ.get("HIF4_SHARED_VECTORS",
+                                     ROOT.parent / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"))
 
 
 def readme_commands() -> list[str]:
@@ -28,6 +35,18 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert readme_commands()[1] in ci.splitlines()
     assert "set -euo pipefail" in ci  # a failing command fails CI
+
+
+def test_the_vendored_reference_vectors_hold_every_documented_case():
+    assert len(vector_cases()) >= 15 and "bf16_inputs" in vector_cases()
+
+
+@pytest.mark.skipif(not SHARED_VECTORS.is_file(), reason="no shared HiF4 vectors beside this checkout")
+def test_the_vendored_reference_vectors_are_the_shared_ones():
+    with np.load(VECTORS) as ours, np.load(SHARED_VECTORS) as theirs:
+        assert sorted(ours.files) == sorted(theirs.files)
+        for k in ours.files:
+            assert ours[k].dtype == theirs[k].dtype and ours[k].tobytes() == theirs[k].tobytes(), k
 
 
 def test_core_imports_without_comfyui():
@@ -80,3 +99,12 @@ def test_registry_metadata_is_complete():
     prefix = f"https://raw.githubusercontent.com/{repo}/main/"
     assert comfy["Icon"].startswith(prefix) and (ROOT / comfy["Icon"][len(prefix):]).is_file()
     assert any(c.startswith("Operating System ::") for c in project["classifiers"])
+    assert any(c.startswith("Environment :: GPU ::") for c in project["classifiers"])  # the registry's accelerator filter
+    urls = project["urls"]
+    assert urls["Documentation"].startswith(urls["Repository"]) and urls["Issues"] == urls["Repository"] + "/issues"
+
+
+def test_the_registry_publish_workflow_runs_the_comfy_action_on_a_pyproject_change():
+    text = (ROOT / ".github" / "workflows" / "publish.yml").read_text(encoding="utf-8")
+    assert "uses: Comfy-Org/publish-node-action@" in text and "secrets.REGISTRY_ACCESS_TOKEN" in text
+    assert '"pyproject.toml"' in text.split("paths:", 1)[1].split("\n\n", 1)[0]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hifloat4.smoothing as smoothing
-from hifloat4.smoothing import MaskConfig, activation_statistic, channel_mask, layer_mask, weight_absmax
+from hifloat4.smoothing import MaskConfig, activation_statistic, channel_mask, weight_absmax
 from hifloat4.stats import ChannelStats
 
 NO_CLAMP = (1e-30, 1e30)
@@ -115,16 +115,10 @@ def test_tail_statistic_gives_larger_masks_than_max_when_outliers_exist():
     stats = ChannelStats(16)
     stats.update(x)
     w = torch.randn(8, 16, generator=gen)
-    tail_mask = layer_mask(w, stats, MaskConfig(statistic="tail", clamp=NO_CLAMP))
-    max_mask = layer_mask(w, stats, MaskConfig(statistic="max", clamp=NO_CLAMP))
+    tail, mx = MaskConfig(statistic="tail", clamp=NO_CLAMP), MaskConfig(statistic="max", clamp=NO_CLAMP)
+    tail_mask = channel_mask(weight_absmax(w), activation_statistic(stats, tail), tail)
+    max_mask = channel_mask(weight_absmax(w), activation_statistic(stats, mx), mx)
     assert bool((tail_mask > max_mask).all())
-
-
-def test_layer_mask_is_channel_mask_of_the_weight_and_chosen_statistic():
-    w = torch.tensor([[1.0, -4.0], [-2.0, 0.5]])  # column absmax [2, 4]
-    m = layer_mask(w, stats_of(absmax=[8.0, 8.0], tail=[2.0, 1.0]), MaskConfig(alpha=0.5))
-    # sqrt(2) / sqrt(2) = 1 ; sqrt(4) / sqrt(1) = 2
-    torch.testing.assert_close(m, torch.tensor([1.0, 2.0]))
 
 
 def test_weight_absmax_is_the_max_over_output_rows():

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from hifloat4 import masks, wan
 from hifloat4 import state as st
-from hifloat4 import wan
 from hifloat4.state import (ExpertState, LayerState, PTQState, PTQStateError, load_state, safe_state_path, save_state,
                             state_nbytes, validate_against_model)
 from hifloat4.tools.tiny_wan import make_tiny_wan
@@ -24,7 +24,7 @@ def _layer(channels: int, gen: torch.Generator) -> LayerState:
     wmax = torch.rand(channels, generator=gen) + 0.01
     tails = absmax * (0.2 + 0.8 * torch.rand(3, channels, generator=gen)).sort(dim=0).values
     errors = 0.05 + 0.1 * torch.rand(5, generator=gen)
-    return st.make_layer_state(wmax, absmax, tail, alpha=0.5, statistic="tail", tails=tails, errors=errors)
+    return masks.make_layer_state(wmax, absmax, tail, alpha=0.5, statistic="tail", tails=tails, errors=errors)
 
 
 def _v1(state: PTQState) -> PTQState:
@@ -556,7 +556,7 @@ def test_missing_features_name_what_a_version_1_state_lacks(version_1, state):
 
 def test_remask_adaptive_on_a_version_1_state_says_to_recalibrate(version_1):
     with pytest.raises(PTQStateError, match="lacks them: recalibrate with this version"):
-        st.remask(version_1, statistic="adaptive")
+        masks.remask(version_1, statistic="adaptive")
 
 
 def test_adaptive_statistic_in_a_version_1_file_is_rejected(tmp_path, saved):
@@ -568,8 +568,8 @@ def test_adaptive_statistic_in_a_version_1_file_is_rejected(tmp_path, saved):
 
 def test_sensitivity_is_the_first_error_and_none_in_version_1(state, version_1):
     ls = state.experts["high_noise"].layers["blocks.0.ffn.0"]
-    assert st.sensitivity(ls) == float(ls.errors[0])
-    assert st.sensitivity(version_1.experts["high_noise"].layers["blocks.0.ffn.0"]) is None
+    assert masks.sensitivity(ls) == float(ls.errors[0])
+    assert masks.sensitivity(version_1.experts["high_noise"].layers["blocks.0.ffn.0"]) is None
 
 
 # --------------------------------------------------------------------------- adaptive statistic
@@ -585,12 +585,12 @@ def _with_errors(ls: LayerState, errors) -> LayerState:
     ([0.1, 0.20, 0.20, 0.10, 0.10], "p99.99"),  # a tie goes to the earlier candidate
 ])
 def test_adaptive_choice_is_the_candidate_with_the_lowest_error(state, errors, choice):
-    assert st.adaptive_choice(_with_errors(state.experts["high_noise"].layers["blocks.0.ffn.0"], errors)) == choice
+    assert masks.adaptive_choice(_with_errors(state.experts["high_noise"].layers["blocks.0.ffn.0"], errors)) == choice
 
 
 def test_adaptive_choice_of_a_version_1_layer_raises(version_1):
     with pytest.raises(PTQStateError, match="errors"):
-        st.adaptive_choice(version_1.experts["high_noise"].layers["blocks.0.ffn.0"])
+        masks.adaptive_choice(version_1.experts["high_noise"].layers["blocks.0.ffn.0"])
 
 
 def test_candidates_and_error_keys_are_in_the_documented_order():
@@ -600,23 +600,23 @@ def test_candidates_and_error_keys_are_in_the_documented_order():
 
 
 def test_remask_adaptive_gives_each_layer_the_mask_of_its_chosen_statistic(state):
-    new = st.remask(state, alpha=0.4, statistic="adaptive")
+    new, chosen = masks.remask(state, alpha=0.4, statistic="adaptive")
     smoothing = pytest.importorskip("hifloat4.smoothing")
-    chosen = set()
     for e, ex in state.experts.items():
         for ln, ls in ex.layers.items():
-            choice = st.adaptive_choice(ls)
-            chosen.add(choice)
+            choice = masks.adaptive_choice(ls)
+            assert chosen[e][ln] == choice
             act = ls.absmax if choice == "max" else ls.tails[st.CANDIDATES.index(choice)]
             want = smoothing.channel_mask(ls.wmax.float(), act.float(), smoothing.MaskConfig(alpha=0.4))
             assert torch.equal(new.experts[e].layers[ln].mask, want.half()), (e, ln)
-    assert len(chosen) > 1 and (new.statistic, new.alpha) == ("adaptive", 0.4)
+    assert len({c for ex in chosen.values() for c in ex.values()}) > 1
+    assert (new.statistic, new.alpha) == ("adaptive", 0.4)
 
 
 def test_an_adaptive_state_saves_and_loads_and_remasks_again(tmp_path, state):
-    new = load_state(save_state(tmp_path / "a.safetensors", st.remask(state, statistic="adaptive")))
+    new = load_state(save_state(tmp_path / "a.safetensors", masks.remask(state, statistic="adaptive").state))
     assert new.statistic == "adaptive"
-    again = st.remask(new)
+    again = masks.remask(new, alpha=new.alpha, statistic=new.statistic).state
     assert all(torch.equal(again.experts[e].layers[ln].mask, ls.mask)
                for e, ex in new.experts.items() for ln, ls in ex.layers.items())
 
@@ -649,7 +649,7 @@ def test_validate_against_model_rejects_an_unknown_expert(state, models):
 
 def test_remask_recomputes_masks_from_stored_statistics(state):
     smoothing = pytest.importorskip("hifloat4.smoothing")
-    new = st.remask(state, alpha=0.3, statistic="max")
+    new = masks.remask(state, alpha=0.3, statistic="max").state
     ls = new.experts["low_noise"].layers["blocks.1.ffn.2"]
     want = smoothing.channel_mask(ls.wmax.float(), ls.absmax.float(), smoothing.MaskConfig(alpha=0.3, statistic="max"))
     assert torch.equal(ls.mask, want.half())
@@ -658,7 +658,7 @@ def test_remask_recomputes_masks_from_stored_statistics(state):
 
 def test_remask_with_statistic_none_gives_unit_masks(state):
     pytest.importorskip("hifloat4.smoothing")
-    new = st.remask(state, statistic="none")
+    new = masks.remask(state, statistic="none").state
     assert all(torch.equal(ls.mask, torch.ones_like(ls.mask))
                for ex in new.experts.values() for ls in ex.layers.values())
 
@@ -666,7 +666,7 @@ def test_remask_with_statistic_none_gives_unit_masks(state):
 def test_remask_keeps_statistics_and_leaves_the_original_untouched(state):
     pytest.importorskip("hifloat4.smoothing")
     before = state.experts["high_noise"].layers["blocks.0.self_attn.q"].mask.clone()
-    new = st.remask(state, alpha=0.9)
+    new = masks.remask(state, alpha=0.9).state
     old_l, new_l = state.experts["high_noise"].layers["blocks.0.self_attn.q"], \
         new.experts["high_noise"].layers["blocks.0.self_attn.q"]
     assert torch.equal(old_l.mask, before) and not torch.equal(new_l.mask, before)
@@ -675,10 +675,21 @@ def test_remask_keeps_statistics_and_leaves_the_original_untouched(state):
 
 def test_remasked_state_saves_and_loads(tmp_path, state):
     pytest.importorskip("hifloat4.smoothing")
-    new = st.remask(state, alpha=0.25)
+    new = masks.remask(state, alpha=0.25).state
     assert load_state(save_state(tmp_path / "re.safetensors", new)).alpha == 0.25
+
+
+def test_remask_names_the_statistic_of_every_layer(state):
+    _, chosen = masks.remask(state, statistic="max")
+    assert chosen == {e: {ln: "max" for ln in ex.layers} for e, ex in state.experts.items()}
+
+
+def test_remask_with_neither_choice_keeps_the_stored_masks_and_names_their_statistic(state):
+    same, chosen = masks.remask(state)
+    assert same is state
+    assert chosen == {e: {ln: "tail" for ln in ex.layers} for e, ex in state.experts.items()}
 
 
 def test_remask_rejects_an_unknown_statistic(state):
     with pytest.raises(PTQStateError, match="statistic"):
-        st.remask(state, statistic="median")
+        masks.remask(state, statistic="median")

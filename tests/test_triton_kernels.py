@@ -7,11 +7,9 @@ compile. Sizes stay small: the interpreter is slow.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from hif4_reference import vector, vector_cases
 
 from hifloat4 import pack, triton_kernels
 from hifloat4.layout import from_planar, to_planar
@@ -19,7 +17,6 @@ from hifloat4.format import quantize_dequantize
 from hifloat4.spec import BYTES_PER_GROUP, scale_table
 from hifloat4.torch_kernels import unpack_groups
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
 FP16_MAX = 65504.0
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HALF_DTYPES = [torch.bfloat16, torch.float16]
@@ -122,25 +119,13 @@ def with_nonfinite(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 # --- conformance -------------------------------------------------------------------
 
-def _vector_cases() -> list[str]:
-    if not VECTORS.exists():
-        return []
-    with np.load(VECTORS) as d:
-        return sorted({name.rsplit("/", 1)[0] for name in d.files})
-
-
 def _vector(case: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with np.load(VECTORS) as d:
-        x, expected = d[case + "/input"], d[case + "/expected"]
+    x, expected = vector(case)
     k = x.shape[-1]
     return torch.from_numpy(x).reshape(-1, k), torch.from_numpy(expected).reshape(-1, k)
 
 
-def test_reference_vectors_are_present():
-    assert len(_vector_cases()) >= 15, f"shared HiF4 vectors missing at {VECTORS}"
-
-
-@pytest.mark.parametrize("case", _vector_cases())
+@pytest.mark.parametrize("case", vector_cases())
 def test_reference_vector_matches_bit_for_bit(case):
     x, expected = _vector(case)
     assert_bits_equal(quantize_rows(x), expected)
@@ -149,7 +134,7 @@ def test_reference_vector_matches_bit_for_bit(case):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_reference_vector_rows_match_in_half_precision_where_representable(dtype):
     rows = 0
-    for case in _vector_cases():
+    for case in vector_cases():
         x, expected = _vector(case)
         keep = ((x.to(dtype).float() == x) | x.isnan()).all(dim=1)  # rows are quantized independently
         if keep.any():

@@ -18,6 +18,16 @@ def meta_wan(**kw) -> WanModel:
         return WanModel(WanConfig(**kw))
 
 
+def boundary(obj) -> list[str]:
+    """The layers kept in high precision (text/time embeddings, time projection, head, img_emb.*)."""
+    return wan.classify_layer_names(wan.linear_shapes(obj))[1]
+
+
+def unclassified(obj) -> list[str]:
+    """Linears that are neither main nor boundary: left untouched by the policy."""
+    return wan.classify_layer_names(wan.linear_shapes(obj))[2]
+
+
 @pytest.fixture(scope="module")
 def t2v_a14b():
     return meta_wan(**A14B)
@@ -40,14 +50,14 @@ def test_a14b_expert_has_400_main_linears(t2v_a14b):
 
 
 def test_a14b_expert_has_6_boundary_linears(t2v_a14b):
-    assert wan.boundary_linear_names(t2v_a14b) == [
+    assert boundary(t2v_a14b) == [
         "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
         "time_projection.1", "head.head"]
 
 
 def test_ti2v_5b_has_300_main_and_6_boundary_linears():
     model = meta_wan(**TI2V_5B)
-    assert (len(wan.main_linear_names(model)), len(wan.boundary_linear_names(model))) == (300, 6)
+    assert (len(wan.main_linear_names(model)), len(boundary(model))) == (300, 6)
 
 
 def test_main_linears_come_in_block_order_then_fixed_layer_order(tiny):
@@ -66,7 +76,7 @@ def test_block_order_is_numeric_not_lexicographic():
 def test_state_dict_gives_the_same_names_as_the_module(tiny):
     sd = tiny.state_dict()
     assert wan.main_linear_names(sd) == wan.main_linear_names(tiny)
-    assert wan.boundary_linear_names(sd) == wan.boundary_linear_names(tiny)
+    assert boundary(sd) == boundary(tiny)
 
 
 def test_shape_mapping_gives_the_same_names_as_the_module(t2v_a14b):
@@ -83,27 +93,27 @@ def test_comfyui_key_prefix_is_stripped(tiny):
 def test_wrapped_module_prefix_is_stripped(tiny):
     wrapper = torch.nn.Module()
     wrapper.diffusion_model = tiny
-    assert wan.boundary_linear_names(wrapper) == wan.boundary_linear_names(tiny)
+    assert boundary(wrapper) == boundary(tiny)
     assert wan.find_prefix(wan._raw_entries(wrapper)[0]) == "diffusion_model."
 
 
 def test_img_emb_linears_are_boundary_and_k_img_v_img_are_unclassified():
     model = meta_wan(dim=128, ffn_dim=256, num_layers=2, in_dim=36, img_dim=1280)
-    assert wan.boundary_linear_names(model)[-2:] == ["img_emb.proj.1", "img_emb.proj.3"]
-    assert wan.unclassified_linear_names(model) == [
+    assert boundary(model)[-2:] == ["img_emb.proj.1", "img_emb.proj.3"]
+    assert unclassified(model) == [
         "blocks.0.cross_attn.k_img", "blocks.0.cross_attn.v_img",
         "blocks.1.cross_attn.k_img", "blocks.1.cross_attn.v_img"]
     assert len(wan.main_linear_names(model)) == 20
 
 
 def test_wan22_models_have_no_unclassified_linears(tiny):
-    assert wan.unclassified_linear_names(tiny) == []
+    assert unclassified(tiny) == []
 
 
 def test_extra_linear_is_reported_not_classified(tiny):
     sd = dict(tiny.state_dict())
     sd["vace_blocks.0.after_proj.weight"] = torch.zeros(256, 256)
-    assert wan.unclassified_linear_names(sd) == ["vace_blocks.0.after_proj"]
+    assert unclassified(sd) == ["vace_blocks.0.after_proj"]
     assert "vace_blocks.0.after_proj" not in wan.main_linear_names(sd)
 
 

@@ -1,6 +1,6 @@
 // HiF4 CPU kernels: quantize-dequantize, pack and unpack of 64-value groups.
 //
-// The arithmetic is HIF4_SPEC.md step by step, one group per iteration, groups in
+// The arithmetic is docs/hif4_spec.md step by step, one group per iteration, groups in
 // parallel. Exactness: the scale steps run in double (exact); per-value products
 // |x| * R * 2^k run in float for bf16/fp16 inputs (at most 19 significant bits:
 // exact) and in double for float inputs (at most 32 bits: exact), so no rounding

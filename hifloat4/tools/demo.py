@@ -1,5 +1,5 @@
 """`python -m hifloat4 demo`: the whole method end to end on an embedded tiny Wan2.2
-T2V model pair, in well under two minutes on a laptop CPU.
+T2V model pair, on a CPU.
 
 What it does, in order (timed per phase):
   build      two tiny Wan2.2-shaped experts (hifloat4.tools.tiny_wan, with the outlier
@@ -26,131 +26,45 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from .. import wan
+from .. import rotation, wan
 from ..calibrate import CalibConfig, calibrate
 from ..experts import HIGH, LOW
 from ..format import quantize_dequantize
-from ..linear import HiF4Linear
-from ..plan import W4A4Config, make_plan
-from ..quantize import LayersConfig, quantize_
-from ..sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ..plan import W4A4Config
+from ..quantize import quantize_
+from ..sampling import flow_sigmas, switch_step_from_sigmas
 from ..spec import GROUP_SIZE
-from ..state import PTQState, layer_nbytes, load_state, remask, save_state, sensitivity, state_nbytes
+from ..state import layer_nbytes, load_state, save_state, state_nbytes
 from ..wan_model import WanConfig, WanModel
-from .eval.keep_eval import keep_sweep
-from .tiny_wan import make_tiny_wan
+from . import measure
+from .measure import PairConfig
 
 METHODS = ("none", "max", "tail", "tail_rotation")
 METHOD_LABELS = {"none": "W4A4, no smoothing", "max": "W4A4, max (SmoothQuant)",
                  "tail": "W4A4, tail-aware p99.9", "tail_rotation": "W4A4, tail-aware + Hadamard"}
 KEEP_NS = (0, 2, 4, 8)  # layers kept in high precision per expert (of 40; 20 with --quick)
 KEEP_SEEDS = (0, 1)  # random orders averaged in the demo (the eval uses more)
+METRICS = ("denoiser_rel_err", "denoiser_rel_err_high", "denoiser_rel_err_low", "final_latent_rel_err",
+           "mean_layer_sqnr_db")  # of measure.measure's, what the demo reports
 TIE_MARGIN = 0.02  # relative differences below 2% are reported as a tie, not a win
 NEAR_MAX = 0.95  # mean tail/max above this: tail-aware and max masks are nearly the same masks
-ENCODER_SEED = 20250  # the synthetic text encoder's fixed outlier channels
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Model size, workload and method settings (fixed before looking at any result)."""
-
-    dim: int = 256
-    ffn_dim: int = 512
-    layers: int = 4
-    text_dim: int = 4096
-    context_len: int = 512  # umT5 pads every prompt to 512 tokens
-    active_tokens: int = 24
-    text_outlier_channels: int = 4
-    text_outlier_scale: float = 10.0
-    latent_shape: tuple[int, int, int, int, int] = (1, 16, 4, 24, 24)  # 576 tokens, 1152 per cfg call
-    steps: int = 8
-    cfg: float = 5.0
-    shift: float = 5.0
-    boundary: float = BOUNDARY_SIGMA["t2v"]
-    calib_prompts: int = 4
-    eval_prompts: int = 2
-    seed: int = 0
-    percentile: float = 99.9
-    alpha: float = 0.5
-    rotation_seed: int = 0
-
-    @property
-    def rotation_block(self) -> int:
-        """Largest power of two <= 256 dividing every main-layer in-feature size."""
-        g = math.gcd(self.dim, self.ffn_dim)
-        return min(256, g & -g)
-
-    @property
-    def tokens_per_call(self) -> int:
-        b, _, t, h, w = self.latent_shape
-        return b * t * (h // 2) * (w // 2) * (2 if self.cfg != 1.0 else 1)
-
-
-QUICK = dict(dim=128, ffn_dim=256, layers=2, text_dim=256, context_len=64, active_tokens=12,
-             latent_shape=(1, 16, 2, 16, 16), steps=4, calib_prompts=2, eval_prompts=2)
+# Each method as the Apply node's choices on the one calibrated state (W4A4Config).
+METHOD_CHOICES = {"none": {"statistic": "none"}, "max": {"statistic": "max"}, "tail": {},
+                  "tail_rotation": {"rotation": "hadamard"}}
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- inputs
-
-def _generator(*parts) -> torch.Generator:
-    """A CPU generator seeded from a tuple of labels: independent, reproducible streams."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def synthetic_contexts(cfg: DemoConfig, kind: str, count: int) -> list[Tensor]:
-    """umT5-like prompt features (1, context_len, text_dim): `active_tokens` random rows
-    (std 0.2) with a few large-magnitude channels, zero padding after them (as the
-    comfy harness's HarnessRandomConditioning). The outlier channels belong to the
-    "encoder", so every prompt shares them; `kind` ("calib", "eval", "negative")
-    separates the random streams, so held-out prompts are never calibration prompts."""
-    chans = torch.randperm(cfg.text_dim, generator=_generator(ENCODER_SEED, cfg.text_dim))
-    chans = chans[:cfg.text_outlier_channels]
-    out = []
-    for i in range(count):
-        g = _generator(cfg.seed, kind, i)
-        n = min(cfg.active_tokens, cfg.context_len)
-        tok = 0.2 * torch.randn(1, n, cfg.text_dim, generator=g)
-        tok[:, :, chans] *= cfg.text_outlier_scale
-        ctx = torch.zeros(1, cfg.context_len, cfg.text_dim)
-        ctx[:, :n] = tok
-        out.append(ctx)
-    return out
-
-
-def noise_seed(cfg: DemoConfig, kind: str, i: int) -> int:
-    return cfg.seed * 100_000 + (0 if kind == "calib" else 50_000) + i
-
-
-def build_models(cfg: DemoConfig) -> dict[str, WanModel]:
-    """Both T2V experts with their weights rounded to bf16 (what Wan2.2 ships), kept in fp32."""
-    models = {}
-    for expert in (HIGH, LOW):
-        m = make_tiny_wan("t2v", dim=cfg.dim, ffn_dim=cfg.ffn_dim, layers=cfg.layers, text_dim=cfg.text_dim,
-                          seed=cfg.seed, expert=expert)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
-        models[expert] = m
-    return models
 
 
 def bf16_bytes(model: nn.Module) -> int:
@@ -166,126 +80,6 @@ def a14b_projection() -> dict:
     state = 2 * sum(layer_nbytes(shapes[n][1]) for n in wan.main_linear_names(model))
     weights = 2 * bf16_bytes(model)
     return {"state_tensor_bytes": state, "model_bf16_bytes": weights, "state_pct": 100.0 * state / weights}
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@dataclass
-class Reference:
-    """Reference trajectories on the held-out prompts: inputs at the probe steps and finals."""
-
-    probes: list[dict[int, StepRecord]]  # per prompt: step -> record
-    finals: list[Tensor]
-
-
-def probe_steps(steps: int, switch: int) -> dict[str, int]:
-    """One fixed step in the middle of each expert's segment."""
-    return {HIGH: switch // 2, LOW: switch + (steps - switch) // 2}
-
-
-def _sample(cfg: DemoConfig, experts: dict[str, nn.Module], ctx: Tensor, neg: Tensor, seed: int, switch: int,
-            callback: Callable[[StepRecord], None] | None = None) -> Tensor:
-    return sample_two_expert(experts[HIGH], experts[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
-                             cfg.cfg, seed, cfg.shift, callback=callback)
-
-
-def reference_runs(cfg: DemoConfig, experts, prompts, neg, switch: int, probes: dict[str, int]) -> Reference:
-    wanted = set(probes.values())
-    records, finals = [], []
-    for i, ctx in enumerate(prompts):
-        rec: dict[int, StepRecord] = {}
-        finals.append(_sample(cfg, experts, ctx, neg, noise_seed(cfg, "eval", i), switch,
-                              lambda r: rec.__setitem__(r.step, r) if r.step in wanted else None))
-        records.append(rec)
-    return Reference(records, finals)
-
-
-class SQNRMeter:
-    """Per-layer SQNR of every HiF4Linear against the float layer on the same input."""
-
-    def __init__(self, quantized: nn.Module, reference: nn.Module) -> None:
-        ref = dict(reference.named_modules())
-        self.sums: dict[str, list[float]] = {}
-        self.handles = [m.register_forward_hook(self._hook(name, ref[name]))
-                        for name, m in quantized.named_modules() if isinstance(m, HiF4Linear)]
-
-    def _hook(self, name: str, linear: nn.Linear):
-        def hook(module, args, out):
-            want = F.linear(args[0].float(), linear.weight.float(),
-                            None if linear.bias is None else linear.bias.float())
-            acc = self.sums.setdefault(name, [0.0, 0.0])
-            acc[0] += float(want.square().sum())
-            acc[1] += float((out.float() - want).square().sum())
-        return hook
-
-    def db(self) -> list[float]:
-        return [10 * math.log10(s / max(e, 1e-30)) for s, e in self.sums.values()]
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _rel(a: Tensor, ref: Tensor) -> float:
-    return float((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
-@dataclass
-class Measurement:
-    """Raw errors of one quantized pair on the held-out prompts (shared with `eval`)."""
-
-    denoiser: dict[str, list[float]]  # per expert: relative error of its output, per prompt
-    finals: list[float]  # relative error of the final latent, per prompt
-    layers: dict[str, tuple[float, float]]  # "<expert>/<layer>" -> (sum x^2, sum err^2) of its output
-
-
-def measure(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module], ref: Reference,
-            prompts, neg, switch: int, probes: dict[str, int]) -> Measurement:
-    meters = {e: SQNRMeter(quantized[e], reference[e]) for e in (HIGH, LOW)}
-    den = {HIGH: [], LOW: []}
-    try:
-        with torch.no_grad():
-            for i, ctx in enumerate(prompts):
-                for expert, step in probes.items():
-                    r = ref.probes[i][step]
-                    out = expert_call(quantized[expert], r.x, r.sigma, ctx, neg, cfg.cfg)
-                    den[expert].append(_rel(out, r.model_output))
-    finally:
-        for m in meters.values():
-            m.close()
-    finals = [_rel(_sample(cfg, quantized, ctx, neg, noise_seed(cfg, "eval", i), switch), ref.finals[i])
-              for i, ctx in enumerate(prompts)]
-    layers = {f"{e}/{name}": (sig, err) for e, m in meters.items() for name, (sig, err) in m.sums.items()}
-    return Measurement(den, finals, layers)
-
-
-def evaluate(cfg: DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module], ref: Reference,
-             prompts, neg, switch: int, probes: dict[str, int]) -> dict:
-    m = measure(cfg, quantized, reference, ref, prompts, neg, switch, probes)
-    sqnr = [10 * math.log10(s / max(e, 1e-30)) for s, e in m.layers.values()]
-    high, low = sum(m.denoiser[HIGH]) / len(m.denoiser[HIGH]), sum(m.denoiser[LOW]) / len(m.denoiser[LOW])
-    return {"denoiser_rel_err": (high + low) / 2, "denoiser_rel_err_high": high, "denoiser_rel_err_low": low,
-            "final_latent_rel_err": sum(m.finals) / len(m.finals), "mean_layer_sqnr_db": sum(sqnr) / len(sqnr)}
-
-
-def keep_sensitive(cfg: DemoConfig, state: PTQState, reference: dict[str, nn.Module], ref: Reference, prompts,
-                   neg: Tensor, switch: int, ns: Sequence[int] = KEEP_NS, seeds: Sequence[int] = KEEP_SEEDS,
-                   orders: Sequence[str] = ("sensitive", "random")) -> dict:
-    """Final-latent error on the held-out prompts with N layers per expert kept in high
-    precision, chosen by each order (hifloat4.eval.keep_eval), N in `ns`."""
-    plans = {e: make_plan(W4A4Config(state, expert=e), wan.fingerprint(reference[e])) for e in (HIGH, LOW)}
-    groups = {e: (list(p.layers), {n: sensitivity(state.experts[e].layers[n]) for n in p.layers})
-              for e, p in plans.items()}
-
-    def error(kept) -> float:
-        quantized = {e: quantize_(copy.deepcopy(reference[e]),
-                                  LayersConfig({n: q for n, q in plans[e].layers.items() if n not in kept[e]}))
-                     for e in (HIGH, LOW)}
-        with torch.no_grad():
-            finals = [_sample(cfg, quantized, ctx, neg, noise_seed(cfg, "eval", i), switch) for i, ctx in enumerate(prompts)]
-        return sum(_rel(f, r) for f, r in zip(finals, ref.finals)) / len(finals)
-
-    return keep_sweep(groups, error, ns, seeds, orders)
 
 
 # --------------------------------------------------------------------------- verdict
@@ -343,7 +137,7 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def render(cfg: DemoConfig, summary: dict) -> str:
+def render(cfg: PairConfig, summary: dict) -> str:
     res = summary["methods"]
     rows = [("reference (bf16 weights, fp32 compute)", None)] + [(METHOD_LABELS[m], res[m]) for m in METHODS]
     head = f"{'model':<40} {'denoiser err':>12} {'(high)':>8} {'(low)':>8} {'final latent':>13} {'layer SQNR':>11}"
@@ -354,7 +148,9 @@ def render(cfg: DemoConfig, summary: dict) -> str:
              f"switch at step {summary['config']['switch_step']} (sigma < {cfg.boundary}); "
              f"{cfg.calib_prompts} calibration prompts, {cfg.eval_prompts} held-out prompts",
              f"  masks: alpha {cfg.alpha}, tail = p{cfg.percentile:g}, all from one calibration "
-             f"(max/none via remask); rotation: block Hadamard {cfg.rotation_block}",
+             f"(max/none re-derived, as Apply's statistic); rotation: Apply's hadamard, block "
+             f"{rotation.DEFAULT_BLOCK} fitted per layer: "
+             + ", ".join(f"{b} for {k} inputs" for k, b in summary["config"]["rotation_blocks"].items()),
              f"  errors: relative L2 vs the reference; denoiser = the model's velocity output (cond+uncond) "
              f"on the reference's input at step {summary['config']['probe_steps'][HIGH]} (high-noise expert) "
              f"and {summary['config']['probe_steps'][LOW]} (low-noise); final latent = full sampling, same seed",
@@ -394,20 +190,20 @@ def render(cfg: DemoConfig, summary: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
+def run_demo(cfg: PairConfig, out: str | None = None) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     _log(f"build: two tiny Wan2.2-T2V experts (dim {cfg.dim}, {cfg.layers} blocks) and synthetic prompts")
-    reference = build_models(cfg)
-    calib_prompts = synthetic_contexts(cfg, "calib", cfg.calib_prompts)
-    eval_prompts = synthetic_contexts(cfg, "eval", cfg.eval_prompts)
-    neg = synthetic_contexts(cfg, "negative", 1)[0]
+    reference = measure.build_models(cfg)
+    calib_prompts = measure.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
+    eval_prompts = measure.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
+    neg = measure.synthetic_contexts(cfg, "negative", 1)[0]
     sigmas = flow_sigmas(cfg.steps, cfg.shift)
     switch = switch_step_from_sigmas(sigmas, cfg.boundary)
     if not 0 < switch < cfg.steps:
         raise ValueError(f"with {cfg.steps} steps the boundary sigma {cfg.boundary} gives switch step {switch}: "
                          f"one expert would never run; use more steps")
-    probes = probe_steps(cfg.steps, switch)
+    probes = measure.probe_steps(cfg.steps, switch)
     timings["build"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -419,7 +215,7 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
 
     def run() -> None:
         for i, ctx in enumerate(calib_prompts):
-            _sample(cfg, reference, ctx, neg, noise_seed(cfg, "calib", i), switch)
+            measure.sample_pair(cfg, reference, ctx, neg, measure.noise_seed(cfg, "calib", i), switch)
 
     settings = {"prompts": cfg.calib_prompts, "steps": cfg.steps, "sampler": "euler", "scheduler": "simple",
                 "shift": cfg.shift, "cfg": cfg.cfg, "seed": cfg.seed, "switch_step": switch,
@@ -438,30 +234,26 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
 
     t = time.perf_counter()
     _log("quantize: W4A4 copies of both experts for none / max / tail / tail + rotation")
-    states: dict[str, PTQState] = {
-        "none": remask(loaded, statistic="none"),
-        "max": remask(loaded, statistic="max"),
-        "tail": loaded,
-        "tail_rotation": dataclasses.replace(loaded, rotation={"block": cfg.rotation_block,
-                                                               "seed": cfg.rotation_seed}),
-    }
-    quantized = {m: {e: quantize_(copy.deepcopy(reference[e]), W4A4Config(s, expert=e)) for e in (HIGH, LOW)}
-                 for m, s in states.items()}
+    quantized = {m: {e: quantize_(copy.deepcopy(reference[e]), W4A4Config(loaded, expert=e, **choices))
+                     for e in (HIGH, LOW)}
+                 for m, choices in METHOD_CHOICES.items()}
     timings["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
     _log(f"evaluate: reference sampling on {cfg.eval_prompts} held-out prompts")
-    ref = reference_runs(cfg, reference, eval_prompts, neg, switch, probes)
+    ref = measure.reference_runs(cfg, reference, eval_prompts, neg, switch, probes)
     results = {}
     for m in METHODS:
         _log(f"evaluate: {METHOD_LABELS[m]}")
-        results[m] = evaluate(cfg, quantized[m], reference, ref, eval_prompts, neg, switch, probes)
+        r = measure.measure(cfg, quantized[m], reference, ref, eval_prompts, neg, switch, probes)
+        results[m] = {k: r[k] for k in METRICS}
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     _log(f"evaluate: keeping {', '.join(map(str, KEEP_NS[1:]))} layers per expert in high precision, "
          "most sensitive vs random")
-    sweep = keep_sensitive(cfg, loaded, reference, ref, eval_prompts, neg, switch)
+    sweep = measure.keep_sensitive(cfg, loaded, reference, ref, eval_prompts, neg, switch, KEEP_NS, KEEP_SEEDS,
+                                   ("sensitive", "random"))
     keep = {k: sweep[k] for k in ("n", "sensitive", "random")}
     timings["keep_sensitive"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -471,7 +263,9 @@ def run_demo(cfg: DemoConfig, out: str | None = None) -> dict:
     model_bytes = sum(bf16_bytes(m) for m in reference.values())
     summary = {
         "config": {**dataclasses.asdict(cfg), "latent_shape": list(cfg.latent_shape), "switch_step": switch,
-                   "probe_steps": probes, "rotation_block": cfg.rotation_block,
+                   "probe_steps": probes,
+                   "rotation_blocks": measure.rotation_blocks(reference[HIGH].get_submodule(n).in_features
+                                                              for n in wan.main_linear_names(reference[HIGH])),
                    "tokens_per_call": cfg.tokens_per_call,
                    "reference": "bf16-rounded weights, fp32 compute"},
         "methods": results,
@@ -502,12 +296,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smaller model and workload (seconds; for tests)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the tiny model's ops are too small to gain from more, "
-                        "and on a busy CPU extra threads can make them 10-100x slower)")
+                        "and on a busy CPU extra threads make them many times slower)")
     return p.parse_args(list(argv))
 
 
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    cfg = DemoConfig(seed=args.seed, **(QUICK if args.quick else {}))
+def config_from_args(args: argparse.Namespace) -> PairConfig:
+    cfg = PairConfig(seed=args.seed, **(measure.QUICK if args.quick else {}))
     changes = {k: v for k, v in (("steps", args.steps), ("calib_prompts", args.prompts),
                                  ("eval_prompts", args.eval_prompts)) if v is not None}
     for k, v in changes.items():

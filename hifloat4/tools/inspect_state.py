@@ -19,9 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..masks import adaptive_choice, sensitivity
 from ..safefile import loads_json, read_header
-from ..state import (CANDIDATES, FORMAT_NAME, METADATA_KEY, PTQState, PTQStateError, adaptive_choice, format_version,
-                     load_state, missing_features, sensitivity, state_nbytes)
+from ..state import (CANDIDATES, FORMAT_NAME, METADATA_KEY, PTQState, PTQStateError, format_version, load_state,
+                     missing_features, state_nbytes)
 
 MOST_SENSITIVE = 10  # layers listed
 

@@ -1,4 +1,4 @@
-"""The straightforward torch transcription of HIF4_SPEC.md: the benchmark's baseline.
+"""The straightforward torch transcription of docs/hif4_spec.md: the benchmark's baseline.
 
 Whole-tensor float32 ops, one line per spec step, as one would first write it
 (exact for bf16/fp16 inputs, which is what `bench` feeds it). `bench` reports the

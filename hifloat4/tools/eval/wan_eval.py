@@ -1,4 +1,4 @@
-"""Part 1: the embedded tiny Wan2.2-shaped T2V expert pair (the demo's model and prompts).
+"""Part 1: the embedded tiny Wan2.2-shaped T2V expert pair (hifloat4.tools.measure: the demo's workload).
 
 Calibration runs the two-expert sampler over calibration prompts with
 `calibrate.observe` on every main Linear (one observer per percentile); each
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -32,24 +31,22 @@ from torch import Tensor, nn
 from ... import wan
 from ...calibrate import CalibConfig, ExpertObservation, build_state, observe
 from ...experts import HIGH, LOW
+from ...masks import adaptive_choice
 from ...plan import W4A4Config
 from ...quantize import LayersConfig, quantize_
 from ...sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from ...smoothing import weight_absmax
-from ...state import adaptive_choice
 from ...stats import ChannelStats
-from .. import demo
-from .keep_eval import ORDERS
-from .methods import LayerStats, Method, layer_map, method_grid, rotation_block_for, sqnr_db, tail_over_max
-
-EXPERTS = (HIGH, LOW)
+from .. import measure
+from ..measure import EXPERTS, ORDERS, PairConfig
+from .methods import LayerStats, Method, layer_map, method_grid, tail_over_max
 
 
 @dataclass(frozen=True)
 class WanEvalConfig:
     """Fixed before looking at any result: the demo's model and sampling settings."""
 
-    model: demo.DemoConfig = field(default_factory=lambda: demo.DemoConfig(calib_prompts=8, eval_prompts=2))
+    model: PairConfig = field(default_factory=lambda: PairConfig(calib_prompts=8, eval_prompts=2))
     percentiles: tuple[float, ...] = (99.0, 99.9, 99.99)
     alphas: tuple[float, ...] = (0.3, 0.5, 0.7)
     rotation_alphas: tuple[float, ...] = (0.5,)  # rotation rows at the paper's alpha (time budget)
@@ -65,7 +62,7 @@ class WanEvalConfig:
 
 
 def quick_config() -> WanEvalConfig:
-    return WanEvalConfig(model=demo.DemoConfig(**{**demo.QUICK, "calib_prompts": 2, "eval_prompts": 1}),
+    return WanEvalConfig(model=PairConfig(**{**measure.QUICK, "calib_prompts": 2, "eval_prompts": 1}),
                          percentiles=(99.0, 99.9), alphas=(0.5,), calib_sizes=(1, 2), sweep_percentiles=(99.9,),
                          keep_ns=(0, 1, 2, 4), keep_seeds=(0, 1))
 
@@ -89,15 +86,7 @@ def _layer_stats(model: nn.Module, by_pct: dict[float, dict[str, ChannelStats]])
             for name in first}
 
 
-def _rel(a: Tensor, ref: Tensor) -> float:
-    return float((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
-def _db_from_rel(rel: float) -> float:
-    return math.inf if rel == 0.0 else -20.0 * math.log10(rel)
-
-
-def collect_activations(cfg: demo.DemoConfig, reference: dict[str, nn.Module], ref: demo.Reference,
+def collect_activations(cfg: PairConfig, reference: dict[str, nn.Module], ref: measure.Reference,
                         prompt: Tensor, neg: Tensor, probes: dict[str, int], max_tokens: int = 1024
                         ) -> dict[str, Tensor]:
     """Inputs of every main Linear at the probe step of each expert (first held-out
@@ -126,16 +115,16 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
     cfg = replace(ecfg.model, calib_prompts=ecfg.calib_prompts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    reference = demo.build_models(cfg)
-    calib = demo.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
-    held_out = demo.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
-    neg = demo.synthetic_contexts(cfg, "negative", 1)[0]
+    reference = measure.build_models(cfg)
+    calib = measure.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
+    held_out = measure.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
+    neg = measure.synthetic_contexts(cfg, "negative", 1)[0]
     switch = switch_step_from_sigmas(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
     if not 0 < switch < cfg.steps:
         raise ValueError(f"{cfg.steps} steps give switch step {switch}: one expert would never run")
-    probes = demo.probe_steps(cfg.steps, switch)
+    probes = measure.probe_steps(cfg.steps, switch)
     names = {e: wan.main_linear_names(reference[e]) for e in EXPERTS}
-    block = rotation_block_for(reference[HIGH].get_submodule(n).in_features for n in names[HIGH])
+    blocks = measure.rotation_blocks(reference[HIGH].get_submodule(n).in_features for n in names[HIGH])
     timings["build"] = time.perf_counter() - t0
 
     # ---- calibration: one observer per expert and percentile, statistics kept per prompt
@@ -150,7 +139,7 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
         for i, ctx in enumerate(calib):
             with torch.no_grad(), _observers(reference, names, ecfg.percentiles) as stats:
                 sample_two_expert(reference[HIGH], reference[LOW], cfg.latent_shape, ctx, neg, cfg.steps, switch,
-                                  cfg.cfg, demo.noise_seed(cfg, "calib", i), cfg.shift)
+                                  cfg.cfg, measure.noise_seed(cfg, "calib", i), cfg.shift)
             for key, s in stats.items():
                 per_prompt[key].append(s)
     state = build_state({e: ExpertObservation(reference[e], observed[e]) for e in EXPERTS}, product)
@@ -162,13 +151,15 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
 
     # ---- reference trajectories on the held-out prompts
     t = time.perf_counter()
-    ref = demo.reference_runs(cfg, reference, held_out, neg, switch, probes)
+    ref = measure.reference_runs(cfg, reference, held_out, neg, switch, probes)
     timings["reference"] = time.perf_counter() - t
 
-    def measure(method: Method, k: int) -> dict:
-        quantized = {e: quantize_(copy.deepcopy(reference[e]), LayersConfig(layer_map(layer_stats[k][e], method, block)))
-                     for e in EXPERTS}
-        return evaluate(cfg, quantized, reference, ref, held_out, neg, switch, probes)
+    def evaluate(quantized: dict[str, nn.Module]) -> dict:
+        return measure.measure(cfg, quantized, reference, ref, held_out, neg, switch, probes)
+
+    def method_errors(method: Method, k: int) -> dict:
+        return evaluate({e: quantize_(copy.deepcopy(reference[e]), LayersConfig(layer_map(layer_stats[k][e], method)))
+                         for e in EXPERTS})
 
     # ---- the method grid at the largest calibration set
     t = time.perf_counter()
@@ -177,7 +168,7 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
     results: dict[str, dict] = {}
     for j, m in enumerate(grid):
         log(f"tiny Wan: [{j + 1}/{len(grid)}] {m.key}")
-        results[m.key] = {"method": _method_dict(m), "calib_prompts": full, **measure(m, full)}
+        results[m.key] = {"method": _method_dict(m), "calib_prompts": full, **method_errors(m, full)}
     timings["grid"] = time.perf_counter() - t
 
     # ---- calibration-set size sweep (alpha and percentile fixed a priori; no rotation)
@@ -192,7 +183,7 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
                 r = results[m.key]
             else:
                 log(f"tiny Wan: calibration size {k}: {m.key}")
-                r = measure(m, k)
+                r = method_errors(m, k)
             sweep[m.key][str(k)] = _summary(r)
     none = _summary(results[Method("none").key])
     sweep[Method("none").key] = {str(k): none for k in ecfg.calib_sizes}  # no statistics: independent of k
@@ -205,10 +196,10 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
         log(f"tiny Wan: product state, statistic {label}")
         quantized = {e: quantize_(copy.deepcopy(reference[e]), W4A4Config(state, expert=e, statistic=statistic))
                      for e in EXPERTS}
-        statistics[label] = _summary(evaluate(cfg, quantized, reference, ref, held_out, neg, switch, probes))
+        statistics[label] = _summary(evaluate(quantized))
     choices = Counter(adaptive_choice(ls) for ex in state.experts.values() for ls in ex.layers.values())
-    keep = demo.keep_sensitive(cfg, state, reference, ref, held_out, neg, switch, ecfg.keep_ns, ecfg.keep_seeds,
-                               ORDERS)
+    keep = measure.keep_sensitive(cfg, state, reference, ref, held_out, neg, switch, ecfg.keep_ns, ecfg.keep_seeds,
+                                  ORDERS)
     timings["keep_and_adaptive"] = time.perf_counter() - t
 
     acts = {}
@@ -223,7 +214,7 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
                    "rotation_alphas": list(ecfg.rotation_alphas), "calib_sizes": list(ecfg.calib_sizes),
                    "sweep_alpha": ecfg.sweep_alpha, "sweep_percentiles": list(ecfg.sweep_percentiles),
                    "held_out_prompts": cfg.eval_prompts, "switch_step": switch, "probe_steps": probes,
-                   "rotation_block": block, "tokens_per_call": tokens_per_call,
+                   "rotation_blocks": blocks, "tokens_per_call": tokens_per_call,
                    "keep_ns": list(ecfg.keep_ns), "keep_seeds": list(ecfg.keep_seeds),
                    "layers_per_expert": len(names[HIGH]),
                    "reference": "bf16-rounded weights, fp32 compute"},
@@ -255,20 +246,3 @@ def _observers(models: dict[str, nn.Module], names: dict[str, list[str]], percen
         yield {(e, p): {n: o.stats for n, o in stack.enter_context(observe(model, names[e],
                                                                            CalibConfig(percentile=p))).items()}
                for e, model in models.items() for p in percentiles}
-
-
-def evaluate(cfg: demo.DemoConfig, quantized: dict[str, nn.Module], reference: dict[str, nn.Module],
-             ref: demo.Reference, prompts: Sequence[Tensor], neg: Tensor, switch: int,
-             probes: dict[str, int]) -> dict:
-    """Per-layer output error, denoiser error at the probe steps, final-latent error."""
-    m = demo.measure(cfg, quantized, reference, ref, prompts, neg, switch, probes)
-    layers = {name: {"rel_err": math.sqrt(err / max(sig, 1e-300)), "sqnr_db": sqnr_db(sig, err)}
-              for name, (sig, err) in m.layers.items()}
-    dbs = [v["sqnr_db"] for v in layers.values()]
-    final = sum(m.finals) / len(m.finals)
-    high, low = sum(m.denoiser[HIGH]) / len(m.denoiser[HIGH]), sum(m.denoiser[LOW]) / len(m.denoiser[LOW])
-    return {"mean_layer_sqnr_db": sum(dbs) / len(dbs), "min_layer_sqnr_db": min(dbs),
-            "mean_layer_rel_err": sum(v["rel_err"] for v in layers.values()) / len(layers),
-            "denoiser_rel_err": (high + low) / 2, "denoiser_rel_err_high": high, "denoiser_rel_err_low": low,
-            "final_latent_rel_err": final, "final_latent_sqnr_db": _db_from_rel(final),
-            "final_latent_rel_err_per_prompt": m.finals, "layers": layers}

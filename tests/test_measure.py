@@ -1,7 +1,10 @@
-"""Specification of hifloat4.tools.eval.keep_eval: the three orders of keeping layers and the sweep."""
+"""Specification of hifloat4.tools.measure: the workload's prompts, the shipped rotation
+rule on record, and the three orders of keeping layers and the sweep."""
 import pytest
+import torch
 
-from hifloat4.tools.eval.keep_eval import ORDERS, keep_sweep, kept_layers
+from hifloat4.tools import measure
+from hifloat4.tools.measure import ORDERS, keep_sweep, kept_layers
 
 LAYERS = [f"blocks.{b}.ffn.{i}" for b in range(3) for i in (0, 2)]
 SENS = {name: float(i % 4) for i, name in enumerate(LAYERS)}  # 0 1 2 3 0 1
@@ -39,3 +42,21 @@ def test_sweep_measures_each_kept_set_once_and_averages_random_seeds():
     assert out["sensitive"] == [0.0, 2.0 + 3.0 + 2.0] and out["position"] == [0.0, 2.0 + 0.0 + 1.0]
     assert out["random"][1] == sum(out["random_runs"][1]) / 2
     assert sum(1 for k in calls if not k["g"]) == 1  # n = 0 shared by every order
+
+
+def test_held_out_prompts_are_not_calibration_prompts():
+    cfg = measure.PairConfig(**measure.QUICK)
+    calib, held_out = measure.synthetic_contexts(cfg, "calib", 8), measure.synthetic_contexts(cfg, "eval", 3)
+    assert not any(torch.equal(c, h) for c in calib for h in held_out)
+
+
+def test_synthetic_prompts_are_padded_with_zeros_after_the_active_tokens():
+    cfg = measure.PairConfig(**measure.QUICK)
+    ctx = measure.synthetic_contexts(cfg, "eval", 1)[0]
+    assert ctx.shape == (1, cfg.context_len, cfg.text_dim)
+    assert ctx[0, :cfg.active_tokens].abs().sum(-1).gt(0).all() and ctx[0, cfg.active_tokens:].eq(0).all()
+
+
+def test_rotation_blocks_are_the_shipped_rule_for_each_layer_width():
+    assert measure.rotation_blocks([1536, 384, 384]) == {384: 128, 1536: 512}
+    assert measure.rotation_blocks([256, 512]) == {256: 256, 512: 512}
