@@ -24,7 +24,6 @@ from .linear import COMPUTE_CHOICES, LayerQuant
 from .spec import BYTES_PER_GROUP, GROUP_SIZE
 
 ROTATIONS = hrotation.SETTINGS  # besides None: as calibrated
-MAX_ROTATION_BLOCK = hrotation.MAX_BLOCK  # nodes/policy.py reads this name
 
 
 def packed_nbytes(out_features: int, in_features: int) -> int:

@@ -83,7 +83,6 @@ REMASK_STATISTICS: tuple[str, ...] = STATISTICS + ("adaptive",)
 FIELD_DTYPES = {"mask": torch.float16, "absmax": torch.bfloat16, "tail": torch.bfloat16, "wmax": torch.bfloat16,
                 "tails": torch.bfloat16, "errors": torch.float32}
 _TAIL_SLACK = 1e-6  # tail <= absmax (and tails in order) up to float rounding of the interpolation
-MAX_ROTATION_BLOCK = hrotation.MAX_BLOCK  # nodes/calibrate.py reads this name
 MAX_STATE_BYTES = 2**30  # read whole: both A14B experts are 37 MiB
 
 _LAYER_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")

@@ -200,7 +200,7 @@ def _to_out_bits(bits, OUT_KIND: tl.constexpr):
     bf16: truncation, exact for every HiF4 value (<= 6 significant bits, >= 2^-50); NaN
     stays NaN (quiet bit set, in case only low payload bits were set). fp16: half-even
     rounding in integers, subnormals included, finite values saturate at +-65504,
-    Inf stays Inf (a non-finite input is kept, HIF4_SPEC.md).
+    Inf stays Inf (a non-finite input is kept, docs/hif4_spec.md).
     """
     # constexpr branches: only the taken one is compiled (one return type)
     if OUT_KIND == 0:

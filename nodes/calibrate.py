@@ -70,7 +70,7 @@ class HiF4CalibrateWan22:
                                                "tooltip": "Calibrate for the block Hadamard rotation after the "
                                                           "mask (beyond the paper); the state records it and "
                                                           "Apply uses it as calibrated."}),
-                "rotation_block": ("INT", {"default": 512, "min": 1, "max": hstate.MAX_ROTATION_BLOCK,
+                "rotation_block": ("INT", {"default": hrotation.DEFAULT_BLOCK, "min": 1, "max": hrotation.MAX_BLOCK,
                                            "tooltip": "Hadamard block size when rotation is hadamard (the "
                                                       "largest power of two dividing each layer's inputs, up "
                                                       "to this, is used)."}),
@@ -87,7 +87,7 @@ class HiF4CalibrateWan22:
 
     def calibrate(self, model_high_noise, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                   scheduler, switch_step, percentile, alpha, filename_prefix, model_low_noise=None, clip=None,
-                  extra_prompts="", rotation="off", rotation_block=512):
+                  extra_prompts="", rotation="off", rotation_block=hrotation.DEFAULT_BLOCK):
         high, low = model_high_noise, model_low_noise
         policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
         for m in (high, low):

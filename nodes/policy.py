@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from hifloat4 import linear as hlinear
 from hifloat4 import plan as hplan
+from hifloat4 import rotation as hrotation
 from hifloat4 import state as hstate
 from hifloat4.experts import EXPERTS, HIGH, LOW, SINGLE  # noqa: F401  (the nodes' expert choices)
 
@@ -38,7 +39,7 @@ def quantization_inputs() -> dict:
                        "per layer, whichever of p99 / p99.9 / p99.99 / max gave the lowest error at calibration."}),
         "rotation": (list(ROTATION_CHOICES), {"default": AS_CALIBRATED,
                                               "tooltip": "Block Hadamard rotation after the mask (beyond the paper)."}),
-        "rotation_block": ("INT", {"default": 512, "min": 1, "max": hplan.MAX_ROTATION_BLOCK,
+        "rotation_block": ("INT", {"default": hrotation.DEFAULT_BLOCK, "min": 1, "max": hrotation.MAX_BLOCK,
                                    "tooltip": "Hadamard block size when rotation is hadamard (the largest power of "
                                               "two dividing each layer's inputs, up to this, is used)."}),
         "keep_high_precision": ("INT", {
@@ -79,7 +80,7 @@ def runtime_inputs() -> dict:
 
 
 def w4a4_config(state, expert: str, alpha: float = ALPHA_AS_CALIBRATED, statistic: str = AS_CALIBRATED,
-                rotation: str = AS_CALIBRATED, rotation_block: int = 512,
+                rotation: str = AS_CALIBRATED, rotation_block: int = hrotation.DEFAULT_BLOCK,
                 keep_high_precision: int = 0) -> hplan.W4A4Config:
     """The node inputs of quantization_inputs() as the core's config (the one place
     where "as calibrated" and alpha -1 become None)."""

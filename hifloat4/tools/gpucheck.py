@@ -343,7 +343,6 @@ def int8_gemm_bench(device: torch.device, shapes: list[tuple[int, int, int]], re
                      "speedup": bf16_s / gemm_s, "linear_speedup": bf16_s / lin_s,
                      "tflops": 2 * m * k * n / gemm_s / 1e12,
                      "max_rel_err_vs_fp64": _rel_err_vs_fp64(x, w, got, min(err_rows, m))})
-        del x, w, a, b, got
     return rows
 
 

@@ -128,13 +128,14 @@ def test_saved_state_loads_back_identical(nodes, pair, calib_dir, progress):
 
 
 def test_the_node_records_tails_and_sensitivity_for_every_layer(nodes, pair, calib_dir, progress):
+    from hifloat4 import masks as hmasks
     from hifloat4 import state as hstate
     state = calibrate(nodes, pair)["result"][0]
     assert hstate.format_version(state) == hstate.FORMAT_VERSION and hstate.missing_features(state) == []
     for ex in state.experts.values():
         for ls in ex.layers.values():
             assert ls.tails.shape == (3, ls.channels) and ls.errors.shape == (len(hstate.ERROR_KEYS),)
-            assert 0.0 < hstate.sensitivity(ls) < 1.0 and hstate.adaptive_choice(ls) in hstate.CANDIDATES
+            assert 0.0 < hmasks.sensitivity(ls) < 1.0 and hmasks.adaptive_choice(ls) in hmasks.CANDIDATES
 
 
 def test_the_node_builds_its_state_with_calibrate_build_state(nodes, pair, calib_dir, progress, monkeypatch):

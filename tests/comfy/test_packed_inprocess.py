@@ -28,10 +28,11 @@ def files(tmp_path_factory):
     from hifloat4 import export as hexp
     from hifloat4 import state as hstate
     from hifloat4.calibrate import CalibConfig, calibrate
-    from hifloat4.tiny_wan import TinyWan, WanConfig, example_inputs
+    from hifloat4.tools.tiny_wan import example_inputs
+    from hifloat4.wan_model import WanConfig, WanModel
 
     d = tmp_path_factory.mktemp("packed")
-    model = TinyWan(WanConfig()).eval().requires_grad_(False)
+    model = WanModel(WanConfig()).eval().requires_grad_(False)
     model.load_state_dict(load_file(str(harness_path(T2V_HIGH))))
     x, t, ctx = example_inputs(model, text_len=24)
     state = calibrate({HIGH: model}, lambda: model(x, t, ctx), CalibConfig())
@@ -102,7 +103,7 @@ def test_packed_model_holds_codes_not_the_unpacked_main_weights(comfy, mods, fil
     plain = load_unet(T2V_HIGH)
     root = packed.model.diffusion_model
     q = root.blocks[0].ffn[0]
-    assert q.weight.dtype == torch.uint8 and tuple(q.weight.shape) == (512, 4, 36)
+    assert q.weight.dtype == torch.uint8 and tuple(q.weight.shape) == (512, 4 * 36)  # planar rows
     assert root.head.head.weight.dtype == plain.model.diffusion_model.head.head.weight.dtype
     shapes = {tuple(t.shape) for t in list(root.parameters()) + list(root.buffers()) if t.is_floating_point()}
     assert (512, 256) not in shapes and (256, 512) not in shapes  # no float tensor of an ffn weight's shape
@@ -322,3 +323,54 @@ def test_calibrate_refuses_a_packed_or_applied_model_naming_itself(comfy, mods, 
             node.calibrate(model, positive=None, negative=None, latent_image=None, seed=0, steps=1, cfg=1.0,
                            sampler_name="euler", scheduler="simple", switch_step=-1, percentile=99.9, alpha=0.5,
                            filename_prefix="x")
+
+
+# --------------------------------------------------------------------------- Apply keeping weights packed
+
+def test_apply_with_packed_weights_computes_the_unpacked_bits(comfy, mods, files, load_unet):
+    packed = applied(mods, load_unet(T2V_HIGH), files["state"], weights="packed")
+    fake = applied(mods, load_unet(T2V_HIGH), files["state"], weights="unpacked")
+    assert mods["loader"].is_packed_model(packed) and not mods["loader"].is_packed_model(fake)
+    for seed in (0, 1):
+        assert torch.equal(run(comfy, packed, seed), run(comfy, fake, seed))
+
+
+def test_apply_with_packed_weights_holds_codes_and_leaves_its_input_unchanged(comfy, mods, files, load_unet):
+    model = load_unet(T2V_HIGH)
+    before = model.model.diffusion_model.blocks[0].ffn[0].weight.detach().clone()
+    packed = applied(mods, model, files["state"], weights="packed")
+    layer = packed.model.diffusion_model.blocks[0].ffn[0]
+    assert layer.weight.dtype == torch.uint8 and tuple(layer.weight.shape) == (512, 4 * 36)
+    assert packed.model_size() < 0.5 * model.model_size()
+    assert torch.equal(model.model.diffusion_model.blocks[0].ffn[0].weight, before) and not model.object_patches
+
+
+def test_apply_with_packed_weights_merges_a_lora_loaded_before_it(comfy, mods, files, load_unet, tmp_path):
+    with_lora = lora_model(comfy, load_unet(T2V_HIGH), tmp_path)
+    packed = applied(mods, with_lora, files["state"], weights="packed")
+    assert torch.equal(run(comfy, packed), run(comfy, applied(mods, with_lora, files["state"], weights="unpacked")))
+    assert not torch.equal(run(comfy, packed), run(comfy, applied(mods, load_unet(T2V_HIGH), files["state"])))
+
+
+def test_apply_with_packed_weights_keeps_model_sampling_and_wrappers_of_its_input(comfy, mods, files, load_unet):
+    advanced = importlib.import_module("comfy_extras.nodes_model_advanced")
+    shifted = advanced.ModelSamplingSD3().patch(load_unet(T2V_HIGH), 8.0)[0]
+    marker = lambda executor, *a, **k: executor(*a, **k)  # noqa: E731
+    shifted.add_wrapper_with_key("outer_sample", "someone_else", marker)
+    packed = applied(mods, shifted, files["state"], weights="packed")
+    assert packed.get_model_object("model_sampling") is shifted.get_model_object("model_sampling")
+    assert float(packed.get_model_object("model_sampling").shift) == 8.0
+    assert marker in packed.wrappers["outer_sample"]["someone_else"]
+    assert mods["loader"].guard_wrapper in packed.wrappers["prepare_sampling"][mods["loader"].PACKED_KEY]
+
+
+def test_apply_refuses_int8_compute_with_unpacked_weights(comfy, mods, files, load_unet):
+    with pytest.raises(ValueError, match="int8.*packed"):
+        applied(mods, load_unet(T2V_HIGH), files["state"], weights="unpacked", compute="int8")
+
+
+def test_a_lora_after_apply_with_packed_weights_is_refused_like_on_a_packed_file(comfy, mods, files, load_unet,
+                                                                                 tmp_path):
+    packed = applied(mods, load_unet(T2V_HIGH), files["state"], weights="packed")
+    with pytest.raises(ValueError, match="LoRA .* not supported"):
+        mods["loader"].check_packed_model(lora_model(comfy, packed, tmp_path))

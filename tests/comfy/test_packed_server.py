@@ -35,12 +35,12 @@ def exported(workspace):
     from hifloat4 import state as hstate
     from hifloat4.calibrate import CalibConfig, calibrate
     from hifloat4.sampling import sample_two_expert
-    from hifloat4.tiny_wan import TinyWan, WanConfig
+    from hifloat4.wan_model import WanConfig, WanModel
 
     src = pathlib.Path(os.environ["COMFY_HARNESS_MODELS"]) / "diffusion_models"
     experts = {}
     for name, file in TINY.items():
-        m = TinyWan(WanConfig()).eval().requires_grad_(False)
+        m = WanModel(WanConfig()).eval().requires_grad_(False)
         m.load_state_dict(load_file(str(src / file)))
         experts[name] = m
     g = torch.Generator().manual_seed(0)
