@@ -52,6 +52,7 @@ Why the code looks the way it does:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -203,6 +204,17 @@ def _topk_select(xs: Tensor, ranks: list[int]) -> tuple[Tensor, Tensor]:
     return torch.stack(rows), bad
 
 
+@functools.lru_cache(maxsize=64)
+def _device_ints(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """values as an int32 tensor on `device`, written by fills: a host-to-device copy from
+    pageable memory may make the driver wait for the device. Cached: a calibration
+    sees a handful of call shapes."""
+    out = torch.empty(len(values), dtype=torch.int32, device=device)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def _histogram_select(xs: Tensor, ranks: list[int]) -> tuple[Tensor, Tensor]:
     """_topk_select's result for bf16/fp16 columns, from a histogram of |x| bit patterns.
 
@@ -227,7 +239,7 @@ def _histogram_select(xs: Tensor, ranks: list[int]) -> tuple[Tensor, Tensor]:
     hist[:, 0, 0] += bad
     coarse[:, 0] += bad
     cumulative = coarse[:, :inf_bucket].cumsum(dim=1, dtype=torch.int32)  # (w, buckets) values <= bucket
-    wanted = torch.tensor(ranks, dtype=torch.int32).to(device, non_blocking=device.type != "cpu")
+    wanted = _device_ints(tuple(ranks), device)
     bucket = (cumulative.unsqueeze(1) <= wanted.view(1, -1, 1)).sum(dim=2)  # (w, R)
     below = cumulative.gather(1, (bucket - 1).clamp_min(0)).masked_fill_(bucket == 0, 0)
     fine = hist.gather(1, bucket.unsqueeze(2).expand(w, len(ranks), _FINE))  # (w, R, 128)
