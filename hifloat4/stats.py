@@ -278,11 +278,14 @@ def _chunk_stats(xs: Tensor, qs: tuple[float, ...]) -> _Chunk:
     return _Chunk(absmax, torch.stack(tails), bad)
 
 
-def _auto_chunk(n: int, dtype: torch.dtype, device: torch.device) -> int:
+def _chunk_width(n: int, histogram: bool, device: torch.device) -> int:
     """Channels per chunk of an n-token call: CHUNK_ELEMENTS values (or histogram bins)."""
     budget = CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
-    per_channel = max(n, _BINS) if _uses_histogram(n, dtype, device) else max(n, 1)
-    return max(1, budget // per_channel)
+    return max(1, budget // (max(n, _BINS) if histogram else max(n, 1)))
+
+
+def _auto_chunk(n: int, dtype: torch.dtype, device: torch.device) -> int:
+    return _chunk_width(n, _uses_histogram(n, dtype, device), device)
 
 
 def _scan(x: Tensor, qs: tuple[float, ...], channel_chunk: int | None):
