@@ -3,8 +3,8 @@ of the calibration tokens it saw.
 
 The error needs the layer's real inputs, and keeping them all is out of the question
 (an A14B ffn.2 call alone is up to ~75k tokens x 13824 channels). So `TokenSample`
-keeps a few evenly spaced tokens of each call in a bounded device buffer; once the
-buffer is full, a new call replaces a random earlier one (reservoir sampling over
+keeps a few evenly spaced tokens of each call in a bounded number of slots; once
+they are full, a new call replaces a random earlier one (reservoir sampling over
 calls, so every call is equally likely to be represented however many there are).
 Nothing depends on tensor values: which rows are taken follows from the shape, and
 the reservoir draws come from a host-side seeded `random.Random`, so an update is a
@@ -17,6 +17,7 @@ choice (hifloat4.state.ERROR_KEYS), in float32 on the sample's device.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -51,20 +52,23 @@ class TokenSample:
     """A bounded, deterministic sample of one Linear's input tokens over many calls.
 
     Each call contributes `per_call` evenly spaced tokens (all of them if it has fewer)
-    to one of capacity // per_call slots of a (slots, per_call, channels) buffer in
-    the first input's dtype, on its device. Slot choice is call-level reservoir
-    sampling with `random.Random(seed)`. `tokens()` gives the kept tokens.
+    to one of capacity // per_call slots, in the first input's dtype, on `device` (default:
+    the input's). Slot choice is call-level reservoir sampling with `random.Random(seed)`.
+    A slot holds its call's rows as a tensor of their own, so samples of layers that
+    read the same input can hold the same rows tensor (hifloat4.calibrate passes it
+    in): memory is spent once per distinct kept input (`held_bytes`). `tokens()` gives
+    the kept tokens.
     """
 
-    def __init__(self, channels: int, capacity: int = 128, per_call: int = 16,
+    def __init__(self, channels: int, capacity: int = 64, per_call: int = 16,
                  device: torch.device | str | None = None, seed: int = 0) -> None:
         self.channels = _positive_int("channels", channels)
         self.per_call = min(_positive_int("per_call", per_call), _positive_int("capacity", capacity))
         self.slots = capacity // self.per_call  # capacity rounded down to whole calls
         self.device = torch.device(device) if device is not None else None
+        self.dtype: torch.dtype | None = None  # the first input's
         self.calls = 0
-        self._rows = [0] * self.slots  # host: tokens held per slot
-        self._buffer: Tensor | None = None
+        self._kept: list[Tensor | None] = [None] * self.slots
         self._rng = random.Random(seed)
 
     def _slot(self) -> int | None:
@@ -75,16 +79,20 @@ class TokenSample:
         j = self._rng.randrange(t + 1)
         return j if j < self.slots else None
 
-    def _buffer_for(self, x: Tensor) -> Tensor:
-        if self._buffer is None:
-            device = x.device if self.device is None else self.device
-            self._buffer = torch.zeros((self.slots, self.per_call, self.channels), dtype=x.dtype, device=device)
-        elif self._buffer.device != x.device and self.device is None:
-            self._buffer = self._buffer.to(x.device)
-        return self._buffer
+    def rows_key(self, x: Tensor) -> tuple:
+        """What `rows(x)` depends on besides x: equal keys, equal rows."""
+        return self.per_call, self.dtype or x.dtype, self.device or x.device
 
-    def update(self, x: Tensor) -> None:
-        """Offer one call's input x[..., channels]."""
+    def rows(self, x: Tensor) -> Tensor:
+        """The rows a kept call of x[..., channels] stores: evenly spaced, copied."""
+        per_call, dtype, device = self.rows_key(x)
+        rows = _evenly_spaced(x.detach().reshape(-1, self.channels), per_call)
+        return rows.to(device=device, dtype=dtype, copy=True)
+
+    def update(self, x: Tensor, rows: Callable[[], Tensor] | None = None) -> None:
+        """Offer one call's input x[..., channels]. `rows`, if given, returns `self.rows(x)`
+        (e.g. from a cache shared with samples of layers reading the same x); it is
+        called only when the call is kept."""
         if x.dim() == 0 or x.shape[-1] != self.channels:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {self.channels}]")
         if x.numel() == 0:
@@ -92,19 +100,32 @@ class TokenSample:
         slot = self._slot()
         if slot is None:
             return
-        rows = _evenly_spaced(x.detach().reshape(-1, self.channels), self.per_call)
-        self._buffer_for(x)[slot, : rows.shape[0]].copy_(rows)
-        self._rows[slot] = rows.shape[0]
+        kept = self.rows(x) if rows is None else rows()
+        self.dtype = kept.dtype
+        if self.device is None:  # follow the inputs, as ChannelStats does
+            self._kept = [None if t is None else t.to(kept.device) for t in self._kept]
+        self._kept[slot] = kept
 
     def tokens(self) -> Tensor:
         """The kept tokens, (k, channels), in slot order; raises if no call was seen."""
-        if self._buffer is None:
+        kept = self.held()
+        if not kept:
             raise ValueError("the token sample is empty: the layer never saw an input")
-        return torch.cat([self._buffer[i, :r] for i, r in enumerate(self._rows) if r])
+        return torch.cat(kept)
+
+    def held(self) -> list[Tensor]:
+        """The tensors this sample holds (to count memory once across shared samples)."""
+        return [t for t in self._kept if t is not None]
 
     def __repr__(self) -> str:
         return (f"TokenSample(channels={self.channels}, slots={self.slots}, per_call={self.per_call}, "
                 f"calls={self.calls})")
+
+
+def held_bytes(samples: Iterable[TokenSample]) -> int:
+    """Memory the samples hold, each shared rows tensor counted once."""
+    seen = {id(t): t.numel() * t.element_size() for sample in samples for t in sample.held()}
+    return sum(seen.values())
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -10,7 +10,7 @@ from hifloat4 import masks
 from hifloat4 import state as st
 from hifloat4.linear import LayerQuant, prepare_activation, prepare_weight
 from hifloat4.rotation import Rotation, for_layer
-from hifloat4.sensitivity import ERROR_CEILING, TokenSample, _relative, layer_errors
+from hifloat4.sensitivity import ERROR_CEILING, TokenSample, _relative, held_bytes, layer_errors
 from hifloat4.stats import ChannelStats
 
 
@@ -87,6 +87,31 @@ def test_an_empty_sample_refuses_to_give_tokens():
 def test_a_wrong_channel_count_is_refused():
     with pytest.raises(ValueError, match=r"expected \[\.\.\., 4\]"):
         TokenSample(4).update(torch.randn(3, 5))
+
+
+def test_given_rows_are_kept_as_they_are_and_asked_for_only_when_the_call_is_kept():
+    sample, given = TokenSample(4, capacity=16, per_call=16), []
+    for x in _calls(20):
+        sample.update(x, rows=lambda x=x: given.append(sample.rows(x)) or given[-1])
+    assert 1 < len(given) < 20  # the reservoir keeps the first call and replaces it a few times
+    assert len(sample.held()) == 1 and sample.held()[0] is given[-1]
+
+
+def test_held_bytes_counts_a_rows_tensor_shared_by_two_samples_once():
+    x = torch.randn(40, 4)
+    a, b = TokenSample(4, capacity=32, per_call=16), TokenSample(4, capacity=32, per_call=16)
+    rows = a.rows(x)
+    a.update(x, rows=lambda: rows)
+    b.update(x, rows=lambda: rows)
+    b.update(torch.randn(40, 4))
+    assert held_bytes([a, b]) == 2 * 16 * 4 * 4
+
+
+def test_rows_are_taken_in_the_first_inputs_dtype():
+    sample = TokenSample(8)
+    sample.update(torch.randn(20, 8, dtype=torch.bfloat16))
+    sample.update(torch.randn(20, 8))
+    assert sample.tokens().dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- the error

@@ -7,7 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hifloat4.stats import ADAPTIVE_PERCENTILES, ChannelStats, _block_size, _Ranks, channel_absmax, channel_percentile
+from hifloat4 import stats as hstats
+from hifloat4.stats import (ADAPTIVE_PERCENTILES, HISTOGRAM_MIN_TOKENS, ChannelStats, _block_size,
+                            _histogram_select, _Ranks, _topk_select, _uses_histogram, call_stats, channel_absmax,
+                            channel_percentile)
+
+LONG = HISTOGRAM_MIN_TOKENS["other"]  # a call long enough for the histogram on an accelerator
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
@@ -248,8 +253,12 @@ def test_each_call_tails_equal_numpy_percentiles_exactly(tokens, channels, dtype
     np.testing.assert_array_equal(stats.absmax.numpy(), numpy_absmax(x))
 
 
-def test_tails_of_a_75k_token_call_equal_numpy_percentiles_exactly():
-    """The block prefilter with k = 751 (p99 of 75k tokens, an A14B 720p call)."""
+@pytest.mark.parametrize("histogram", [False, True])
+def test_tails_of_a_75k_token_call_equal_numpy_percentiles_exactly(histogram, monkeypatch):
+    """A bf16 A14B 720p call (75k tokens): the CPU's top-k (k = 751 for p99) and the
+    accelerators' histogram selection."""
+    if histogram:
+        monkeypatch.setitem(hstats.HISTOGRAM_MIN_TOKENS, "cpu", LONG)
     x = outlier_activations(75000, 8, seed=5)
     stats = ChannelStats(8)
     stats.update(x)
@@ -279,3 +288,120 @@ def test_load_state_dict_rejects_tails_of_the_wrong_shape():
     saved["tails"] = torch.zeros(6)
     with pytest.raises(ValueError, match="tails has shape"):
         ChannelStats(6).load_state_dict(saved)
+
+
+# --------------------------------------------------------------------------- histogram selection
+
+HIST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def hard_tokens(tokens: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """(tokens, 10) columns that stress an order-statistic selection: outlier-heavy random,
+    few distinct values (ties), all equal, all zero with one -0.0, scattered NaN/+-Inf,
+    mostly NaN (more bad values than the p99 rank), all NaN, subnormals, the largest
+    finite magnitude, and random values with many NaNs among them."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.finfo(dtype).max
+    cols = [outlier_activations(tokens, 1, torch.float32, seed)[:, 0],
+            torch.randint(-2, 3, (tokens,), generator=g).float(),
+            torch.full((tokens,), 3.0),
+            torch.zeros(tokens),
+            torch.where(torch.rand(tokens, generator=g) < 0.01, float("nan"), torch.randn(tokens, generator=g)),
+            torch.where(torch.rand(tokens, generator=g) < 0.6, float("nan"), torch.randn(tokens, generator=g)),
+            torch.full((tokens,), float("nan")),
+            torch.randn(tokens, generator=g) * torch.finfo(dtype).smallest_normal / 4,
+            torch.where(torch.rand(tokens, generator=g) < 0.02, big, 1.0) * torch.randn(tokens, generator=g).sign(),
+            torch.where(torch.rand(tokens, generator=g) < 0.005, float("inf"), torch.randn(tokens, generator=g))]
+    x = torch.stack(cols, dim=1).to(dtype)
+    x[0, 3] = -0.0
+    x[-1, 9] = -float("inf")
+    return x
+
+
+def numpy_reference(x: torch.Tensor, qs) -> np.ndarray:
+    as_zero = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.stack([numpy_percentile(as_zero, q) for q in qs])
+
+
+@pytest.fixture
+def histogram_on_cpu(monkeypatch):
+    """The accelerators' selection rule on the CPU, where the top-k is otherwise used."""
+    monkeypatch.setitem(hstats.HISTOGRAM_MIN_TOKENS, "cpu", LONG)
+
+
+@pytest.mark.parametrize("dtype", HIST_DTYPES)
+def test_histogram_selection_of_a_long_call_equals_numpy_on_hard_columns(dtype, histogram_on_cpu):
+    x = hard_tokens(LONG + 3, dtype)
+    assert _uses_histogram(x.shape[0], dtype, x.device)
+    qs = (99.9,) + ADAPTIVE_PERCENTILES + (0.0, 50.0, 100.0)
+    np.testing.assert_array_equal(call_stats(x, qs).tails.numpy(), numpy_reference(x, qs))
+    np.testing.assert_array_equal(channel_absmax(x).numpy(), numpy_reference(x, (100.0,))[0])
+    stats = ChannelStats(10)
+    stats.update(x)
+    assert stats.nonfinite.tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(1, 3000), q=st.one_of(st.floats(0, 100), st.sampled_from([99.0, 99.9, 99.99, 100.0])),
+       dtype=st.sampled_from(HIST_DTYPES), seed=st.integers(0, 2**31))
+def test_histogram_selection_equals_numpy_for_any_size_and_percentile(tokens, q, dtype, seed):
+    x = hard_tokens(tokens, dtype, seed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(hstats.HISTOGRAM_MIN_TOKENS, "cpu", 1)  # the histogram at every size
+        got = channel_percentile(x, q).numpy()
+    np.testing.assert_array_equal(got, numpy_reference(x, (q,))[0])
+
+
+@pytest.mark.parametrize("dtype", HIST_DTYPES)
+def test_histogram_and_top_k_selections_agree_bit_for_bit_on_every_rank(dtype):
+    x = hard_tokens(1500, dtype, seed=7)
+    ranks = list(range(1500))
+    (hist, hist_bad), (topk, topk_bad) = _histogram_select(x, ranks), _topk_select(x, ranks)
+    assert torch.equal(hist.view(torch.int16), topk.view(torch.int16)) and torch.equal(hist_bad, topk_bad)
+
+
+def test_the_histogram_serves_long_bf16_and_fp16_calls_on_accelerators_only():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _uses_histogram(LONG, torch.bfloat16, gpu) and _uses_histogram(LONG, torch.float16, gpu)
+    assert not _uses_histogram(LONG - 1, torch.bfloat16, gpu)
+    assert not any(_uses_histogram(10**6, d, gpu) for d in (torch.float32, torch.float64, torch.float8_e4m3fn))
+    assert not _uses_histogram(10**6, torch.bfloat16, cpu)
+
+
+def test_a_channel_chunk_of_a_long_call_keeps_its_histogram_within_the_budget(monkeypatch, histogram_on_cpu):
+    monkeypatch.setitem(hstats.CHUNK_ELEMENTS, "cpu", 1 << 17)  # 4 channels of 2^15 bins
+    x = outlier_activations(LONG, 9, seed=2)
+    assert hstats._auto_chunk(LONG, x.dtype, x.device) == 4
+    np.testing.assert_array_equal(channel_percentile(x, 99.9).numpy(), numpy_percentile(x, 99.9))
+
+
+# --------------------------------------------------------------------------- measure and fold
+
+def test_update_is_fold_of_measure():
+    x = outlier_activations(700, 6)
+    direct, split = ChannelStats(6), ChannelStats(6)
+    direct.update(x)
+    split.fold(split.measure(x))
+    assert all(torch.equal(v, split.state_dict()[k]) for k, v in direct.state_dict().items())
+
+
+def test_one_measurement_folds_into_every_layer_reading_the_input():
+    x = outlier_activations(700, 6)
+    call = call_stats(x, ChannelStats(6).percentiles)
+    a, b = ChannelStats(6), ChannelStats(6)
+    a.fold(call)
+    b.update(x)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_call_without_tokens_measures_as_none_and_folds_as_nothing():
+    stats = ChannelStats(4)
+    assert stats.measure(torch.empty(0, 4)) is None
+    stats.fold(None)
+    assert (stats.calls, stats.tokens) == (0, 0)
+
+
+def test_fold_refuses_statistics_at_other_percentiles():
+    call = ChannelStats(4, percentile=99.0).measure(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        ChannelStats(4, percentile=99.9).fold(call)

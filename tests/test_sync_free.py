@@ -11,6 +11,7 @@ import torch
 
 import hifloat4
 from hifloat4 import backend
+from hifloat4.calibrate import CalibConfig, LayerObservation
 from hifloat4.linear import LayerQuant, prepare_activation, prepare_weight, w4a4_linear
 from hifloat4.masks import make_layer_state
 from hifloat4.rotation import Rotation
@@ -79,6 +80,16 @@ def test_channel_stats_update_with_the_adaptive_tails_runs_on_meta_tensors(token
     stats = ChannelStats(FFN, device="meta")
     stats.update(meta(tokens, FFN, dtype=torch.bfloat16))
     assert (stats.tails.device.type, stats.tails.shape) == ("meta", (3, FFN))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_observations_sharing_an_input_run_on_meta_tensors(dtype):
+    """q/k/v reading one 480p call (the histogram selection there), stats measured once."""
+    x = meta(2, 32760, DIM, dtype=dtype)
+    observations = [LayerObservation(DIM, CalibConfig(), device="meta") for _ in range(3)]
+    for obs in observations:
+        obs.update(x)
+    assert all(o.stats.tails.device.type == "meta" and o.sample.tokens().shape == (16, DIM) for o in observations)
 
 
 def test_token_sample_update_runs_on_meta_tensors_past_its_capacity():

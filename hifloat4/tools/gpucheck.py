@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import backend, linear
+from .. import backend, linear, wan
 from ..format import quantize_dequantize
 from ..layout import to_planar
 from ..linear import LayerQuant, prepare_activation, prepare_weight, w4a4_linear_packed
@@ -53,11 +53,11 @@ from ..packed_linear import decode_weight, pack_weight, planar_weight
 from ..quantize import LayersConfig, quantize_
 from ..spec import GROUP_SIZE, saturate_
 from ..wan_model import WanBlock, WanConfig, WanModel, rope_angles
+from . import calibration_check
 from .bench import best_seconds, peak_forward_bytes
 
 DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "hif4_reference_vectors.npz"
-MAIN_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+MAIN_LINEARS = wan.MAIN_SUFFIXES
 A14B = WanConfig(dim=5120, ffn_dim=13824, num_layers=1)
 GRID_480P = (21, 30, 52)  # latent frames x height/16 x width/16: 32,760 tokens
 SMALL = WanConfig(dim=256, ffn_dim=512, num_layers=1, num_heads=2)
@@ -500,12 +500,7 @@ def speed_sections(result: dict, device: torch.device, small: bool, backends: li
     _section(result, "apply_vram", lambda: apply_vram(device, cfg, 400 if cuda else 20), out)
     if isinstance(result.get("apply_vram"), dict) and "patch_s" in result["apply_vram"]:
         result["patch_s"] = result["apply_vram"]["patch_s"]
-    try:
-        from . import calibration_check
-    except ImportError:
-        calibration_check = None
-    if calibration_check is not None:
-        _section(result, "calibration", lambda: calibration_check.calibration_section(device, small), out)
+    _section(result, "calibration", lambda: calibration_check.calibration_section(device, small), out)
 
 
 def run(device: torch.device, vectors: Path | None, small: bool, only: list[str] | None = None,
