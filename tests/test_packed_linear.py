@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, cpu_kernels, pack, prepare_weight, quantize_
+from hifloat4 import HiF4Linear, LayerQuant, LayersConfig, backend, cpu_kernels, pack, prepare_weight, quantize_
 from hifloat4.calibrate import CalibConfig, calibrate
 from hifloat4.layout import to_planar
 from hifloat4.packed_linear import PackedHiF4Linear, decode_weight, pack_weight, planar_weight, resident_bytes
@@ -176,6 +176,11 @@ def test_packed_linear_refuses_mismatched_parts():
         PackedHiF4Linear.from_packed(p, torch.ones(256), compute="fp8")
 
 
+needs_interpreted_triton = pytest.mark.skipif(
+    "triton" not in backend.available("cpu"), reason="Triton runs on CPU tensors only in its interpreter "
+    "(TRITON_INTERPRET=1, set without CUDA); on a GPU machine test_triton_kernels covers the compiled kernels")
+
+
 def test_int8_compute_needs_a_backend_with_the_int8_gemm(monkeypatch):
     monkeypatch.setenv("HIFLOAT4_BACKEND", "torch")
     _, packed = _layers()
@@ -184,6 +189,7 @@ def test_int8_compute_needs_a_backend_with_the_int8_gemm(monkeypatch):
         packed(torch.randn(3, 256))
 
 
+@needs_interpreted_triton
 def test_int8_compute_refuses_rotated_layers(monkeypatch):
     monkeypatch.setenv("HIFLOAT4_BACKEND", "triton")
     _, packed = _layers(rotation=Rotation(block=128, seed=2))
@@ -193,6 +199,7 @@ def test_int8_compute_refuses_rotated_layers(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@needs_interpreted_triton
 def test_int8_compute_matches_the_simulated_layer(monkeypatch, dtype):
     monkeypatch.setenv("HIFLOAT4_BACKEND", "triton")  # the interpreter on a CPU
     fake, packed = _layers(in_f=200, out_f=70)
@@ -203,6 +210,7 @@ def test_int8_compute_matches_the_simulated_layer(monkeypatch, dtype):
     assert got.shape == want.shape and float((got - want).norm() / want.norm()) <= 1e-3
 
 
+@needs_interpreted_triton
 def test_auto_compute_simulates_on_a_cpu(monkeypatch):
     monkeypatch.setenv("HIFLOAT4_BACKEND", "triton")
     from hifloat4.linear import resolve_compute

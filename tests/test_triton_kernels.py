@@ -316,7 +316,8 @@ def test_decode_of_planar_rows_refuses_a_width_that_is_not_k():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_pack_rows_writes_the_planar_bytes_of_pack(dtype):
-    w = torch.cat([wide_range(6, 200, seed=42, lo=-8, hi=4), tie_heavy(2, 200, seed=43)]).to(dtype)
+    w = torch.cat([wide_range(6, 200, seed=42, lo=-8, hi=4), tie_heavy(2, 200, seed=43)])
+    w = w.clamp(-448, 448).to(dtype)  # within fp8 e4m3's range (beyond it the cast gives NaN in some torch versions)
     mask = torch.exp(torch.randn(200, generator=gen(44)))
     scale = torch.tensor([0.37])
     planar, flag = triton_kernels.pack_rows(w.to(DEVICE), mask.to(DEVICE), divide=True, scale=scale.to(DEVICE))
