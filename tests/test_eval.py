@@ -169,3 +169,23 @@ def test_verdicts_say_whether_sensitive_beats_random_and_position(quick):
     text = quick[1]
     assert "keeping the N most sensitive layers vs N random ones" in text
     assert "keeping the N most sensitive layers vs the first N in block order" in text
+
+
+def test_massive_part_reports_the_three_errors_for_every_method_with_and_without_rotation(quick):
+    from hifloat4.tools.eval import massive
+
+    m = quick[3]["massive"]
+    cfg = massive.quick_config()
+    assert list(m["methods"]) == [massive.key(x) for x in massive.methods(cfg.percentiles, cfg.alphas)]
+    assert {"none", "adaptive a0.5", "tail p99.9 a0.5 +rot", "adaptive a0.5 +rot"} <= set(m["methods"])
+    for r in m["methods"].values():
+        for metric in ("ordinary_rel_err", "massive_rel_err", "final_latent_rel_err"):
+            assert 0 < r[metric] < 10
+    assert m["config"]["sinks_per_call"] < m["config"]["tokens_per_call"] * 0.001  # p99.9 drops them all
+
+
+def test_massive_part_prints_its_table_premise_and_verdicts(quick):
+    text = quick[1]
+    assert "== 4. Token-wise massive activations" in text
+    assert "p99.9 / sink" in text and "massive tokens rel err" in text
+    assert "settings that beat the paper's default (tail p99.9 a0.5) by the pre-set rule" in text

@@ -1,6 +1,6 @@
 """`python -m hifloat4 eval`: does tail-aware calibration help, by how much, and where it breaks.
 
-Three parts, every setting fixed before looking at any result:
+Four parts, every setting fixed before looking at any result:
   1. the embedded tiny Wan2.2-shaped T2V expert pair (the demo's model, with outlier
      channels): per-layer, denoiser and final-latent error of W4A4 for no smoothing,
      max (SmoothQuant) and tail-aware masks at p99 / p99.9 / p99.99, alpha 0.3 / 0.5 /
@@ -11,7 +11,12 @@ Three parts, every setting fixed before looking at any result:
      when missing): cosine similarity of sentence embeddings vs fp32 on held-out
      sentences, per method;
   3. HiF4 vs NVFP4, MXFP4 and INT4/g32 at (nearly) equal bits on Gaussian tensors
-     over 2^-20 .. 2^15 and on the real activations of parts 1 and 2.
+     over 2^-20 .. 2^15 and on the real activations of parts 1 and 2;
+  4. a smaller tiny Wan2.2 pair whose sink tokens carry token-wise massive
+     activations (the method's premise; hifloat4.tools.massive_wan), 8192 tokens per
+     call: error on ordinary tokens, on the massive tokens and of the final latent for
+     none / max / tail p99 / p99.9 / p99.99 / adaptive x alpha 0.3 / 0.5 / 0.7, with
+     and without rotation, through calibrate.observe / build_state / W4A4Config.
 Writes results.json, report.txt and (with matplotlib) eval_*.png into --out.
 """
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from ...format import quantize_dequantize
 from ...spec import GROUP_SIZE
-from . import format_eval, real_model, report, wan_eval
+from . import format_eval, massive, real_model, report, wan_eval
 
 
 def _log(msg: str) -> None:
@@ -99,6 +104,10 @@ def run(args: argparse.Namespace) -> dict:
     _log("formats: HiF4 vs NVFP4 / MXFP4 / INT4 on Gaussian tensors and real activations")
     results["formats"] = format_eval.run(activations, quick=args.quick)
     timings["formats"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    results["massive"] = massive.run(massive.quick_config() if args.quick else massive.MassiveEvalConfig(), log=_log)
+    timings["massive"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results["meta"]["timings_s"] = timings
     results["verdicts"] = report.verdicts(results)

@@ -157,6 +157,43 @@ def formats_section(fm: dict) -> list[str]:
     return lines
 
 
+MASSIVE_METRICS = (("ordinary_rel_err", "ordinary tokens"), ("massive_rel_err", "massive tokens"),
+                   ("final_latent_rel_err", "final latent"))
+
+
+def massive_section(m: dict) -> list[str]:
+    """Part 4: the premise as measured, then the three errors of every method."""
+    c = m["config"]
+    md, spec = c["model"], c["spec"]
+    n = c["tokens_per_call"]
+    lines = ["", "== 4. Token-wise massive activations: tiny Wan2.2 pair with sink tokens (held-out prompt) ==",
+             (f"model: dim {md['dim']}, ffn {md['ffn_dim']}, {md['layers']} blocks, text_dim {md['text_dim']}; per expert "
+              f"{spec['channels']} massive residual channels (sinks at {spec['register']:g}, ordinary tokens at "
+              f"{spec['quiet']:g}x scale there), one massive ffn unit per block (gain {spec['unit_gain']:g})"),
+             (f"workload: {n} tokens per cfg-batched call, {c['sinks_per_call']} of them sinks (positions "
+              f"{c['sink_positions']} of each sample); per call p99 drops {n * 0.01:.1f} tokens, p99.9 "
+              f"{n * 0.001:.1f}, p99.99 {n * 0.0001:.2f}"),
+             (f"sampling: {md['steps']} steps flow Euler, shift {md['shift']}, cfg {md['cfg']}, switch at step "
+              f"{c['switch_step']}; calibration on {c['calib_prompts']} prompts, measured on {c['held_out_prompts']} "
+              f"held-out prompt(s); rotation: Hadamard, block {c['rotation_block']} fitted per layer"),
+             "", "premise, first call of each unquantized expert (worst massive channel; |x| of the sinks against the "
+             "ordinary tokens' median in that channel and the median |x| of the whole input; percentiles per call):"]
+    rows = [[f"{e}: {loc}", _f(r["sink_abs_min"], ".2f"), _f(r["sink_over_channel_median"], ".0f"),
+             _f(r["sink_over_all_median"], ".0f"), _f(r["p99_over_sink"], ".3f"), _f(r["p99.9_over_sink"], ".3f"),
+             _f(r["p99.99_over_sink"], ".3f")]
+            for e, per in m["premise"].items() for loc, r in per.items()]
+    lines += table(["location", "sink |x|", "/ channel median", "/ all median", "p99 / sink", "p99.9 / sink",
+                    "p99.99 / sink"], rows)
+    lines += ["", ("errors: ordinary / massive tokens = mean over the W4A4 layers that see video tokens of the "
+                   "relative output error against the float layer on the same input, over the ordinary / sink "
+                   "tokens of every call; final latent = relative L2 error after full sampling (same seed)"), ""]
+    rows = [[k] + [_f(r[metric]) for metric, _ in MASSIVE_METRICS] for k, r in m["methods"].items()]
+    lines += table(["method"] + [f"{label} rel err" for _, label in MASSIVE_METRICS], rows)
+    lines += ["", "adaptive statistic, choices over both experts' layers: " + "; ".join(
+        f"{k}: " + ", ".join(f"{s} {n}" for s, n in sorted(v.items())) for k, v in m["adaptive_choices"].items())]
+    return lines
+
+
 # --------------------------------------------------------------------------- verdicts
 
 def _tally_tail_vs_max(methods: dict, metric: str, tail_source: str | None = None) -> dict[str, int]:
@@ -216,6 +253,48 @@ def keep_verdicts(results: dict) -> list[str]:
         fixed, adaptive = (part["adaptive"]["methods"][m][metric] for m in part["adaptive"]["methods"])
         out.append(f"{title}: adaptive statistic vs fixed: {relative_verdict(adaptive, fixed)} "
                    f"({adaptive:.5f} vs {fixed:.5f})")
+    return out
+
+
+def _tally(pairs) -> str:
+    tally = {"better": 0, "tie": 0, "worse": 0}
+    for a, b in pairs:
+        tally[relative_verdict(a, b)] += 1
+    return f"{tally['better']} better, {tally['tie']} tie, {tally['worse']} worse"
+
+
+def massive_verdicts(m: dict) -> list[str]:
+    """Part 4 in plain statements (2% tie margin; the rule for beating the default fixed a priori)."""
+    ms = m["methods"]
+    out = []
+    default, mx = ms.get("tail p99.9 a0.5"), ms.get("max a0.5")
+    if default and mx:
+        out.append("massive tokens: tail p99.9 a0.5 vs max a0.5: " + "; ".join(
+            f"{label} {relative_verdict(default[k], mx[k])} ({default[k]:.4f} vs {mx[k]:.4f})"
+            for k, label in MASSIVE_METRICS))
+    for p in m["config"]["percentiles"]:
+        pairs = [(r, ms[f"max a{r['method']['alpha']:g}" + (" +rot" if r["method"]["rotation"] else "")])
+                 for r in ms.values() if r["method"]["statistic"] == "tail" and r["method"]["percentile"] == p]
+        out.append(f"massive tokens: tail p{p:g} vs max at the same alpha and rotation ({len(pairs)} settings): "
+                   + "; ".join(f"{label} {_tally((a[k], b[k]) for a, b in pairs)}" for k, label in MASSIVE_METRICS))
+    pairs = [(r, ms[f"tail p99.9 a{r['method']['alpha']:g}" + (" +rot" if r["method"]["rotation"] else "")])
+             for r in ms.values() if r["method"]["statistic"] == "adaptive"]
+    if pairs:
+        out.append(f"massive tokens: adaptive vs tail p99.9 at the same alpha and rotation ({len(pairs)} settings): "
+                   + "; ".join(f"{label} {_tally((a[k], b[k]) for a, b in pairs)}" for k, label in MASSIVE_METRICS))
+    pairs = [(ms[k + " +rot"], r) for k, r in ms.items() if not r["method"]["rotation"] and k + " +rot" in ms]
+    out.append(f"massive tokens: adding the rotation, same statistic and alpha ({len(pairs)} settings): "
+               + "; ".join(f"{label} {_tally((a[k], b[k]) for a, b in pairs)}" for k, label in MASSIVE_METRICS))
+    for k, label in MASSIVE_METRICS:
+        best = min(ms, key=lambda name: ms[name][k])
+        out.append(f"massive tokens: lowest {label} error: {best} ({ms[best][k]:.4f})")
+    if default:
+        beats = [name for name, r in ms.items() if name != "tail p99.9 a0.5"
+                 and relative_verdict(r["final_latent_rel_err"], default["final_latent_rel_err"]) == "better"
+                 and all(relative_verdict(r[k], default[k]) != "worse" for k in ("ordinary_rel_err", "massive_rel_err"))]
+        out.append("massive tokens: settings that beat the paper's default (tail p99.9 a0.5) by the pre-set rule "
+                   "(final latent better by > 2%, neither token population worse by > 2%): "
+                   + (", ".join(beats) if beats else "none"))
     return out
 
 
@@ -288,6 +367,8 @@ def verdicts(results: dict) -> list[str]:
             ranked = sorted(per, key=lambda n: per[n]["mean_layer_sqnr_db"], reverse=True)
             out.append(f"formats, {src} activations (mean layer SQNR): " + " > ".join(
                 f"{n} {per[n]['mean_layer_sqnr_db']:.2f} dB" for n in ranked))
+    if results.get("massive"):
+        out += massive_verdicts(results["massive"])
     return out
 
 
@@ -302,6 +383,8 @@ def render(results: dict) -> str:
     lines += keep_section(results)
     if "formats" in results:
         lines += formats_section(results["formats"])
+    if "massive" in results:
+        lines += massive_section(results["massive"])
     lines += ["", "== verdicts (2% tie margin on relative errors; settings fixed a priori) =="]
     lines += ["- " + v for v in verdicts(results)]
     return "\n".join(lines) + "\n"
