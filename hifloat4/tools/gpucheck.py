@@ -561,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     result = run(device, args.vectors, args.small or device.type != "cuda", args.backend, args.out)
     print("RESULT " + json.dumps(result, default=str))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, default=str))
     return 0 if result["ok"] else 1
 
 
