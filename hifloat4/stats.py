@@ -13,32 +13,19 @@ formula, so the result equals numpy.percentile(|x| in float64) rounded to float3
 Note the aggregation makes the tail depend on how tokens are batched into calls
 (cond and uncond batched together form one call).
 
-Two selections, chosen by dtype and token count only (never by values):
-* Histogram (bf16/fp16 calls of at least HISTOGRAM_MIN_TOKENS tokens on an
-  accelerator, i.e. video calls): |x| of a 16-bit float is its bit pattern with the sign cleared, and that
-  15-bit integer orders like the value. One pass over the data counts each
-  channel's patterns into 2^15 bins (`index_add_`, no sort, no top-k); then the
-  bins are resolved in two steps on the small histogram alone: 256 coarse bins
-  (the high 8 bits) say which bucket holds each wanted rank, and that bucket's 128
-  fine bins say which pattern. Every rank of a call costs the same one pass.
-* Top-k (on the CPU, where it measured faster at every size (3.5-4.1 ns per value
-  against 4.3-7.6 for the histogram, 16k-98k tokens, one thread); fp32/fp64/fp8
-  inputs; and shorter calls such as the text context, where 2^15 bins per channel
-  would outnumber the tokens): the k = n - floor((n-1) q/100)
-  largest values per channel (k = 6 for 4096 tokens). Tokens are cut into blocks
-  of s; the k blocks with the largest maxima contain the k largest values (proof in
-  `_top_values`), so the exact top-k is taken over k*s candidates. fp32 keeps this
-  path: a 32-bit pattern needs a second full pass per wanted bucket, and a two-level
-  (15 + 16 bit) radix prototype measured 13x (65,520 tokens) to 370x (1,152 tokens,
-  the demo's calls) slower than this path on the CPU. Models calibrated at scale
-  run in bf16/fp16.
-hifloat4.calibration_check times both selections on one ffn.2-sized chunk.
+The selection: the k = n - floor((n-1) q/100) largest values per channel (k = 6 for
+4096 tokens). Tokens are cut into blocks of s; the k blocks with the largest maxima
+contain the k largest values (proof in `_top_values`), so the exact top-k is taken over
+k*s candidates. A two-pass per-channel radix histogram of bf16/fp16 bit patterns (no
+top-k at all) was built and measured against it with the same bits: slower on the CPU
+at every size (4.3-7.6 against 3.5-4.1 ns per value, 16k-98k tokens) and on an H200
+(0.56-0.99 against 0.33-0.55 ms per ffn-sized chunk, 16k-65k tokens), so only this
+path remains.
 
 Why the code looks the way it does:
 * Memory: an ffn.2 input at 720p/81 frames is ~75k tokens x 13824 channels. The
-  input is read in channel chunks of about CHUNK_ELEMENTS values (a histogram bin
-  counts as a value); only one chunk's temporaries (|x| or its bin indices, and the
-  histogram) exist at a time, never an fp32 copy of the activation.
+  input is read in channel chunks of about CHUNK_ELEMENTS values; only one chunk's
+  temporaries exist at a time, never an fp32 copy of the activation.
 * No host sync: every decision (ranks, interpolation weight, chunking, which
   selection path) depends only on shapes, dtypes and the percentiles, never on
   tensor values, so on CUDA an update is a queue of kernels. Accumulators are fp32
@@ -52,25 +39,17 @@ Why the code looks the way it does:
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# Values (or histogram bins) materialized per channel chunk: cache-sized on CPU; on
+# Values materialized per channel chunk: cache-sized on CPU; on
 # accelerators large enough that kernel launches stay few (64 MiB of bf16).
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 25}
 _NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MIN_BLOCK, _MAX_BLOCK = 4, 256
-# Histogram selection: bf16/fp16 calls with at least this many tokens (below it the
-# 2^15 bins per channel outnumber the tokens more than 2:1 and k is small); never on
-# the CPU (None), where the top-k measured faster. The bit pattern of +Inf: |x|
-# patterns at or above it are Inf/NaN.
-HISTOGRAM_MIN_TOKENS: dict[str, int | None] = {"cpu": None, "other": 16384}
-_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-_BINS, _FINE = 1 << 15, 1 << 7  # 15-bit |x| patterns; the low 7 bits resolve a coarse bucket
 # The tails an "adaptive" statistic chooses among per layer (with the max); recorded
 # by every ChannelStats. hifloat4.state re-exports it with the names of the choices.
 ADAPTIVE_PERCENTILES: tuple[float, ...] = (99.0, 99.9, 99.99)
@@ -137,11 +116,6 @@ def _block_size(n: int, k: int) -> int:
     return s if -(-n // s) >= 4 * k else 0
 
 
-def _uses_histogram(n: int, dtype: torch.dtype, device: torch.device) -> bool:
-    least = HISTOGRAM_MIN_TOKENS["cpu" if device.type == "cpu" else "other"]
-    return dtype in _INF_BITS and least is not None and n >= least
-
-
 def _abs_chunk(xs: Tensor, rows: int) -> Tensor:
     """|xs| as a (rows, w) buffer in a selectable dtype; rows beyond xs are zero."""
     n, w = xs.shape
@@ -204,50 +178,6 @@ def _topk_select(xs: Tensor, ranks: list[int]) -> tuple[Tensor, Tensor]:
     return torch.stack(rows), bad
 
 
-@functools.lru_cache(maxsize=64)
-def _device_ints(values: tuple[int, ...], device: torch.device) -> Tensor:
-    """values as an int32 tensor on `device`, written by fills: a host-to-device copy from
-    pageable memory may make the driver wait for the device. Cached: a calibration
-    sees a handful of call shapes."""
-    out = torch.empty(len(values), dtype=torch.int32, device=device)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
-def _histogram_select(xs: Tensor, ranks: list[int]) -> tuple[Tensor, Tensor]:
-    """_topk_select's result for bf16/fp16 columns, from a histogram of |x| bit patterns.
-
-    Non-finite values count as pattern 0 (the value 0, the smallest |x|): their count is
-    moved into bin 0. For each rank, the coarse bucket holding it is the number of
-    buckets whose cumulative count does not exceed it; within that bucket the same
-    count over its 128 fine bins gives the low 7 bits. Ranks are the same for every
-    column, so this is a fixed sequence of tensor ops: no host sync.
-    """
-    n, w = xs.shape
-    device = xs.device
-    bits = torch.bitwise_and(xs.view(torch.int16), 0x7FFF)  # |x| as a monotone 15-bit integer
-    index = torch.add(bits, torch.arange(0, w * _BINS, _BINS, dtype=torch.int32, device=device))
-    del bits
-    hist = torch.zeros(w * _BINS, dtype=torch.int32, device=device)
-    hist.index_add_(0, index.reshape(-1), torch.ones(1, dtype=torch.int32, device=device).expand(n * w))
-    del index
-    hist = hist.view(w, _BINS // _FINE, _FINE)
-    coarse = hist.sum(dim=2, dtype=torch.int32)  # (w, 256)
-    inf_bucket = _INF_BITS[xs.dtype] // _FINE  # Inf's low 7 bits are 0: whole buckets are non-finite
-    bad = coarse[:, inf_bucket:].sum(dim=1, dtype=torch.int32)
-    hist[:, 0, 0] += bad
-    coarse[:, 0] += bad
-    cumulative = coarse[:, :inf_bucket].cumsum(dim=1, dtype=torch.int32)  # (w, buckets) values <= bucket
-    wanted = _device_ints(tuple(ranks), device)
-    bucket = (cumulative.unsqueeze(1) <= wanted.view(1, -1, 1)).sum(dim=2)  # (w, R)
-    below = cumulative.gather(1, (bucket - 1).clamp_min(0)).masked_fill_(bucket == 0, 0)
-    fine = hist.gather(1, bucket.unsqueeze(2).expand(w, len(ranks), _FINE))  # (w, R, 128)
-    low = (fine.cumsum(dim=2, dtype=torch.int32) <= (wanted - below).unsqueeze(2)).sum(dim=2)
-    patterns = (bucket * _FINE + low).t().to(torch.int16)
-    return patterns.view(xs.dtype), bad > 0
-
-
 @dataclass
 class _Chunk:
     absmax: Tensor  # (w,) fp32
@@ -268,8 +198,7 @@ def _chunk_stats(xs: Tensor, qs: tuple[float, ...]) -> _Chunk:
     per_q = [_Ranks.of(n, q) for q in qs]
     ranks = _order_ranks(n, qs)
     row = {r: i for i, r in enumerate(ranks)}
-    select = _histogram_select if _uses_histogram(n, xs.dtype, xs.device) else _topk_select
-    values, bad = select(xs, ranks)
+    values, bad = _topk_select(xs, ranks)
     absmax = values[row[n - 1]].float()
     if not qs:
         return _Chunk(absmax, None, bad)
@@ -278,20 +207,15 @@ def _chunk_stats(xs: Tensor, qs: tuple[float, ...]) -> _Chunk:
     return _Chunk(absmax, torch.stack(tails), bad)
 
 
-def _chunk_width(n: int, histogram: bool, device: torch.device) -> int:
-    """Channels per chunk of an n-token call: CHUNK_ELEMENTS values (or histogram bins)."""
-    budget = CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
-    return max(1, budget // (max(n, _BINS) if histogram else max(n, 1)))
-
-
-def _auto_chunk(n: int, dtype: torch.dtype, device: torch.device) -> int:
-    return _chunk_width(n, _uses_histogram(n, dtype, device), device)
+def _auto_chunk(n: int, device: torch.device) -> int:
+    """Channels per chunk of an n-token call: about CHUNK_ELEMENTS values."""
+    return max(1, CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"] // max(n, 1))
 
 
 def _scan(x: Tensor, qs: tuple[float, ...], channel_chunk: int | None):
     """Yield (c0, c1, _Chunk) over channel chunks of x[..., C] (n >= 1 tokens)."""
     n, c = _as_tokens(x)
-    step = channel_chunk or _auto_chunk(n, x.dtype, x.device)
+    step = channel_chunk or _auto_chunk(n, x.device)
     if step < 1:
         raise ValueError(f"channel_chunk must be >= 1, got {channel_chunk}")
     for c0 in range(0, c, step):

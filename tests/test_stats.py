@@ -7,12 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hifloat4 import stats as hstats
-from hifloat4.stats import (ADAPTIVE_PERCENTILES, HISTOGRAM_MIN_TOKENS, ChannelStats, _block_size,
-                            _histogram_select, _Ranks, _topk_select, _uses_histogram, call_stats, channel_absmax,
-                            channel_percentile)
-
-LONG = HISTOGRAM_MIN_TOKENS["other"]  # a call long enough for the histogram on an accelerator
+from hifloat4.stats import (
+    ADAPTIVE_PERCENTILES,
+    ChannelStats,
+    _block_size,
+    _Ranks,
+    call_stats,
+    channel_absmax,
+    channel_percentile,
+)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
@@ -253,12 +256,8 @@ def test_each_call_tails_equal_numpy_percentiles_exactly(tokens, channels, dtype
     np.testing.assert_array_equal(stats.absmax.numpy(), numpy_absmax(x))
 
 
-@pytest.mark.parametrize("histogram", [False, True])
-def test_tails_of_a_75k_token_call_equal_numpy_percentiles_exactly(histogram, monkeypatch):
-    """A bf16 A14B 720p call (75k tokens): the CPU's top-k (k = 751 for p99) and the
-    accelerators' histogram selection."""
-    if histogram:
-        monkeypatch.setitem(hstats.HISTOGRAM_MIN_TOKENS, "cpu", LONG)
+def test_tails_of_a_75k_token_call_equal_numpy_percentiles_exactly():
+    """A bf16 A14B 720p call (75k tokens): the top-k takes k = 751 for p99."""
     x = outlier_activations(75000, 8, seed=5)
     stats = ChannelStats(8)
     stats.update(x)
@@ -290,9 +289,10 @@ def test_load_state_dict_rejects_tails_of_the_wrong_shape():
         ChannelStats(6).load_state_dict(saved)
 
 
-# --------------------------------------------------------------------------- histogram selection
+# --------------------------------------------------------------------------- hard columns
 
-HIST_DTYPES = [torch.bfloat16, torch.float16]
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+LONG = 16384  # a video call's token count
 
 
 def hard_tokens(tokens: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -323,16 +323,9 @@ def numpy_reference(x: torch.Tensor, qs) -> np.ndarray:
     return np.stack([numpy_percentile(as_zero, q) for q in qs])
 
 
-@pytest.fixture
-def histogram_on_cpu(monkeypatch):
-    """The accelerators' selection rule on the CPU, where the top-k is otherwise used."""
-    monkeypatch.setitem(hstats.HISTOGRAM_MIN_TOKENS, "cpu", LONG)
-
-
-@pytest.mark.parametrize("dtype", HIST_DTYPES)
-def test_histogram_selection_of_a_long_call_equals_numpy_on_hard_columns(dtype, histogram_on_cpu):
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_the_selection_of_a_long_call_equals_numpy_on_hard_columns(dtype):
     x = hard_tokens(LONG + 3, dtype)
-    assert _uses_histogram(x.shape[0], dtype, x.device)
     qs = (99.9,) + ADAPTIVE_PERCENTILES + (0.0, 50.0, 100.0)
     np.testing.assert_array_equal(call_stats(x, qs).tails.numpy(), numpy_reference(x, qs))
     np.testing.assert_array_equal(channel_absmax(x).numpy(), numpy_reference(x, (100.0,))[0])
@@ -343,36 +336,10 @@ def test_histogram_selection_of_a_long_call_equals_numpy_on_hard_columns(dtype, 
 
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(1, 3000), q=st.one_of(st.floats(0, 100), st.sampled_from([99.0, 99.9, 99.99, 100.0])),
-       dtype=st.sampled_from(HIST_DTYPES), seed=st.integers(0, 2**31))
-def test_histogram_selection_equals_numpy_for_any_size_and_percentile(tokens, q, dtype, seed):
+       dtype=st.sampled_from(HALF_DTYPES), seed=st.integers(0, 2**31))
+def test_the_selection_equals_numpy_on_hard_columns_for_any_size_and_percentile(tokens, q, dtype, seed):
     x = hard_tokens(tokens, dtype, seed)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(hstats.HISTOGRAM_MIN_TOKENS, "cpu", 1)  # the histogram at every size
-        got = channel_percentile(x, q).numpy()
-    np.testing.assert_array_equal(got, numpy_reference(x, (q,))[0])
-
-
-@pytest.mark.parametrize("dtype", HIST_DTYPES)
-def test_histogram_and_top_k_selections_agree_bit_for_bit_on_every_rank(dtype):
-    x = hard_tokens(1500, dtype, seed=7)
-    ranks = list(range(1500))
-    (hist, hist_bad), (topk, topk_bad) = _histogram_select(x, ranks), _topk_select(x, ranks)
-    assert torch.equal(hist.view(torch.int16), topk.view(torch.int16)) and torch.equal(hist_bad, topk_bad)
-
-
-def test_the_histogram_serves_long_bf16_and_fp16_calls_on_accelerators_only():
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _uses_histogram(LONG, torch.bfloat16, gpu) and _uses_histogram(LONG, torch.float16, gpu)
-    assert not _uses_histogram(LONG - 1, torch.bfloat16, gpu)
-    assert not any(_uses_histogram(10**6, d, gpu) for d in (torch.float32, torch.float64, torch.float8_e4m3fn))
-    assert not _uses_histogram(10**6, torch.bfloat16, cpu)
-
-
-def test_a_channel_chunk_of_a_long_call_keeps_its_histogram_within_the_budget(monkeypatch, histogram_on_cpu):
-    monkeypatch.setitem(hstats.CHUNK_ELEMENTS, "cpu", 1 << 17)  # 4 channels of 2^15 bins
-    x = outlier_activations(LONG, 9, seed=2)
-    assert hstats._auto_chunk(LONG, x.dtype, x.device) == 4
-    np.testing.assert_array_equal(channel_percentile(x, 99.9).numpy(), numpy_percentile(x, 99.9))
+    np.testing.assert_array_equal(channel_percentile(x, q).numpy(), numpy_reference(x, (q,))[0])
 
 
 # --------------------------------------------------------------------------- measure and fold

@@ -84,7 +84,7 @@ def test_channel_stats_update_with_the_adaptive_tails_runs_on_meta_tensors(token
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_observations_sharing_an_input_run_on_meta_tensors(dtype):
-    """q/k/v reading one 480p call (the histogram selection there), stats measured once."""
+    """q/k/v reading one 480p call, stats measured once."""
     x = meta(2, 32760, DIM, dtype=dtype)
     observations = [LayerObservation(DIM, CalibConfig(), device="meta") for _ in range(3)]
     for obs in observations:

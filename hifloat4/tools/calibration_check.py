@@ -11,10 +11,6 @@ expert costs, measured rather than estimated.
   sample_bytes               memory that expert's token samples hold (rows shared by
                              layers reading one input counted once)
   peak_extra_bytes           the observed block's peak memory above the plain block's
-Details: `selection` times hifloat4.stats' histogram and top-k selections on one
-channel chunk (as wide as the call would use) at a few token counts, the evidence
-for stats.HISTOGRAM_MIN_TOKENS; the two must agree bit for bit or nothing is reported.
-
 On CUDA the observed forward also runs once under torch.cuda.set_sync_debug_mode("error")
 (`sync_free`: True, or what synchronised); the CPU has no such mode.
 """
@@ -26,11 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import stats as hstats
 from .. import wan
 from ..calibrate import CalibConfig, ExpertObservation, LayerObservation, expert_state
 from ..sensitivity import held_bytes
-from ..stats import ChannelStats
 from ..wan_model import WanBlock, WanConfig, WanModel, rope_angles
 from .bench import best_seconds, peak_forward_bytes
 
@@ -141,37 +135,16 @@ def state_build(device: torch.device, cfg: WanConfig, config: CalibConfig = Cali
             "layers": len(ex.layers)}
 
 
-def selection(device: torch.device, tokens: int, repeat: int) -> dict:
-    """Milliseconds of each stats selection for one bf16 chunk of a `tokens`-token call
-    (the ranks ChannelStats asks for), and the chunk's shape."""
-    width = hstats._chunk_width(tokens, True, device)
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(tokens, width, generator=g, device=device).to(torch.bfloat16)
-    ranks = hstats._order_ranks(tokens, ChannelStats(width).percentiles)
-    results = {name: fn(x, ranks) for name, fn in (("histogram", hstats._histogram_select),
-                                                   ("topk", hstats._topk_select))}
-    (h, hbad), (t, tbad) = results["histogram"], results["topk"]
-    if not (torch.equal(h.view(torch.int16), t.view(torch.int16)) and torch.equal(hbad, tbad)):
-        raise AssertionError("histogram and top-k selections disagree: refusing to report speeds")
-    return {"shape": [tokens, width], "ranks": len(ranks),
-            **{f"{name}_ms": best_seconds(lambda fn=fn: fn(x, ranks), repeat, device) * 1e3
-               for name, fn in (("histogram", hstats._histogram_select), ("topk", hstats._topk_select))}}
-
-
 def calibration_section(device: torch.device, small: bool) -> dict:
-    """The four figures of issue 21, then the details they come from."""
+    """The four figures, then the details they come from."""
     if small:
         block = observed_block(device, WanConfig(dim=256, ffn_dim=512, num_layers=1, num_heads=2),
                                (2, 4, 4), batch=2, text_len=16, repeat=2)
         build = state_build(device, SMALL)
-        select = [selection(device, 2048, repeat=2)]
     else:  # Wan2.2-A14B at 480p, 81 frames: 21 x 30 x 52 = 32,760 tokens, x 2 for cfg
         block = observed_block(device, WanConfig(dim=5120, ffn_dim=13824, num_layers=1),
                                (21, 30, 52), batch=2, text_len=512, repeat=3)
         build = state_build(device, A14B)
-        select = [selection(device, tokens, repeat=5) for tokens in (16384, 32760, 65520)]
     return {"observed_block_over_plain": block.pop("observed_block_over_plain"),
             "state_build_s": build.pop("state_build_s"), "sample_bytes": build.pop("sample_bytes"),
-            "peak_extra_bytes": block.pop("peak_extra_bytes"), "block": block, "state_build": build,
-            "selection": select,
-            "histogram_min_tokens": hstats.HISTOGRAM_MIN_TOKENS["cpu" if device.type == "cpu" else "other"]}
+            "peak_extra_bytes": block.pop("peak_extra_bytes"), "block": block, "state_build": build}
