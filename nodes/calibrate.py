@@ -125,6 +125,7 @@ class HiF4CalibrateWan22:
                         for name, m in experts.items()}
             for i, cond in enumerate(conds):
                 check_interrupt()
+                progress.prompt = f"prompt {i + 1} of {len(conds)}"
                 self._sample_prompt(sessions, cond, negative, latent_image, policy.prompt_seed(seed, i), steps,
                                     cfg, sampler_name, scheduler, switch, progress)
             observed = {name: s.observation() for name, s in sessions.items()}
@@ -145,14 +146,17 @@ class HiF4CalibrateWan22:
         common = dict(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=cond,
                       negative=negative, on_step=progress.step)
         if switch is None:
+            progress.stage(policy.SINGLE, 0, steps, steps)
             calibration.sample_segment(sessions[policy.SINGLE].clone, latent, seed, start_step=None,
                                        last_step=None, add_noise=True, force_full_denoise=True, **common)
             progress.advance(steps)
             return
         # KSamplerAdvanced pair: high noise keeps its leftover noise, low noise finishes
+        progress.stage(policy.HIGH, 0, switch, steps)
         mid = calibration.sample_segment(sessions[policy.HIGH].clone, latent, seed, start_step=0,
                                          last_step=switch, add_noise=True, force_full_denoise=False, **common)
         progress.advance(switch)
+        progress.stage(policy.LOW, switch, steps, steps)
         calibration.sample_segment(sessions[policy.LOW].clone, mid, seed, start_step=switch, last_step=steps,
                                    add_noise=False, force_full_denoise=True, **common)
         progress.advance(steps - switch)

@@ -13,11 +13,19 @@ log = logging.getLogger("hifloat4")
 
 class Progress:
     """One ProgressBar over the whole calibration; every update also lets the
-    server raise on a cancel."""
+    server raise on a cancel. Each sampling segment also says what it is doing, under
+    the node and in the log: "calibrating prompt 2 of 4: high_noise expert, steps 1-10 of 20"."""
 
     def __init__(self, total: int):
         self.bar = comfy.utils.ProgressBar(total)
         self.base = 0
+        self.prompt = "prompt 1 of 1"
+
+    def stage(self, expert: str, first: int, last: int, steps: int) -> str:
+        """Announce the segment that samples steps first+1..last with `expert`; returns the text."""
+        text = f"calibrating {self.prompt}: {expert} expert, steps {first + 1}-{last} of {steps}"
+        tell(text)
+        return text
 
     def step(self, done_in_segment: int) -> None:
         self.bar.update_absolute(self.base + done_in_segment)

@@ -90,6 +90,16 @@ def test_one_progress_bar_spans_prompts_times_steps(nodes, pair, calib_dir, prog
     assert {t for _, t in progress} == {8} and values == sorted(values) and values[-1] == 8
 
 
+def test_calibration_says_which_prompt_expert_and_steps_it_samples(nodes, pair, calib_dir, progress, caplog):
+    with caplog.at_level("INFO", logger="hifloat4"):
+        calibrate(nodes, pair, clip=FakeClip(), extra_prompts="a cat", switch_step=2)
+    said = [r.getMessage() for r in caplog.records if "calibrating prompt" in r.getMessage()]
+    assert said == ["HiF4: calibrating prompt 1 of 2: high_noise expert, steps 1-2 of 4",
+                    "HiF4: calibrating prompt 1 of 2: low_noise expert, steps 3-4 of 4",
+                    "HiF4: calibrating prompt 2 of 2: high_noise expert, steps 1-2 of 4",
+                    "HiF4: calibrating prompt 2 of 2: low_noise expert, steps 3-4 of 4"]
+
+
 def test_switch_step_minus_one_comes_from_the_t2v_boundary(nodes, pair, calib_dir, progress, comfy):
     state = calibrate(nodes, pair)["result"][0]
     sigmas = comfy["calibration"].schedule_sigmas(pair[0], 4, "euler", "simple")
