@@ -42,7 +42,6 @@ from ..experts import HIGH, LOW
 from ..format import quantize_dequantize
 from ..plan import W4A4Config
 from ..quantize import quantize_
-from ..sampling import flow_sigmas, switch_step_from_sigmas
 from ..spec import GROUP_SIZE
 from ..state import layer_nbytes, load_state, save_state, state_nbytes
 from ..wan_model import WanConfig, WanModel
@@ -195,14 +194,8 @@ def run_demo(cfg: PairConfig, out: str | None = None) -> dict:
     t0 = time.perf_counter()
     _log(f"build: two tiny Wan2.2-T2V experts (dim {cfg.dim}, {cfg.layers} blocks) and synthetic prompts")
     reference = measure.build_models(cfg)
-    calib_prompts = measure.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
-    eval_prompts = measure.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
-    neg = measure.synthetic_contexts(cfg, "negative", 1)[0]
-    sigmas = flow_sigmas(cfg.steps, cfg.shift)
-    switch = switch_step_from_sigmas(sigmas, cfg.boundary)
-    if not 0 < switch < cfg.steps:
-        raise ValueError(f"with {cfg.steps} steps the boundary sigma {cfg.boundary} gives switch step {switch}: "
-                         f"one expert would never run; use more steps")
+    work = measure.workload(cfg)
+    calib_prompts, eval_prompts, neg, switch = work.calib, work.held_out, work.negative, work.switch
     probes = measure.probe_steps(cfg.steps, switch)
     timings["build"] = time.perf_counter() - t0
 

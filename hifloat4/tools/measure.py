@@ -40,7 +40,7 @@ from ..linear import HiF4Linear
 from ..masks import sensitivity
 from ..plan import W4A4Config, make_plan, rank_by_sensitivity
 from ..quantize import LayersConfig, quantize_
-from ..sampling import BOUNDARY_SIGMA, StepRecord, expert_call, sample_two_expert
+from ..sampling import BOUNDARY_SIGMA, StepRecord, expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
 from ..state import PTQState
 from .tiny_wan import make_tiny_wan
 
@@ -109,6 +109,27 @@ def synthetic_contexts(cfg: PairConfig, kind: str, count: int) -> list[Tensor]:
         ctx[:, :n] = tok
         out.append(ctx)
     return out
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every measurement on the pair samples: calibration and held-out prompts, the
+    negative prompt, and the step where the low-noise expert takes over."""
+
+    calib: list[Tensor]
+    held_out: list[Tensor]
+    negative: Tensor
+    switch: int
+
+
+def workload(cfg: PairConfig) -> Workload:
+    switch = switch_step_from_sigmas(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
+    if not 0 < switch < cfg.steps:
+        raise ValueError(f"with {cfg.steps} steps the boundary sigma {cfg.boundary} gives switch step {switch}: "
+                         f"one expert would never run; use more steps")
+    return Workload(synthetic_contexts(cfg, "calib", cfg.calib_prompts),
+                    synthetic_contexts(cfg, "eval", cfg.eval_prompts),
+                    synthetic_contexts(cfg, "negative", 1)[0], switch)
 
 
 def noise_seed(cfg: PairConfig, kind: str, i: int) -> int:

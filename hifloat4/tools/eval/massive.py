@@ -52,7 +52,7 @@ from ...linear import HiF4Linear
 from ...plan import W4A4Config
 from ...quantize import quantize_
 from ...rotation import DEFAULT_BLOCK, hadamard
-from ...sampling import flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ...sampling import sample_two_expert
 from ...masks import adaptive_choice
 from ...state import PTQState
 from ...stats import call_stats
@@ -229,12 +229,8 @@ def run(ecfg: MassiveEvalConfig, log: Callable[[str], None] = print) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     reference = build_models(cfg, ecfg.spec)
-    calib = measure.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
-    held_out = measure.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
-    neg = measure.synthetic_contexts(cfg, "negative", 1)[0]
-    switch = switch_step_from_sigmas(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
-    if not 0 < switch < cfg.steps:
-        raise ValueError(f"{cfg.steps} steps give switch step {switch}: one expert would never run")
+    work = measure.workload(cfg)
+    calib, held_out, neg, switch = work.calib, work.held_out, work.negative, work.switch
     positions, tokens = sinks(cfg), tokens_per_sample(cfg)
     rotation = hadamard(ecfg.rotation_block)
 

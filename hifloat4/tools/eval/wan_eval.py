@@ -34,7 +34,7 @@ from ...experts import HIGH, LOW
 from ...masks import adaptive_choice
 from ...plan import W4A4Config
 from ...quantize import LayersConfig, quantize_
-from ...sampling import expert_call, flow_sigmas, sample_two_expert, switch_step_from_sigmas
+from ...sampling import expert_call, sample_two_expert
 from ...smoothing import weight_absmax
 from ...stats import ChannelStats
 from .. import measure
@@ -116,12 +116,8 @@ def run(ecfg: WanEvalConfig, log: Callable[[str], None] = print, with_activation
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     reference = measure.build_models(cfg)
-    calib = measure.synthetic_contexts(cfg, "calib", cfg.calib_prompts)
-    held_out = measure.synthetic_contexts(cfg, "eval", cfg.eval_prompts)
-    neg = measure.synthetic_contexts(cfg, "negative", 1)[0]
-    switch = switch_step_from_sigmas(flow_sigmas(cfg.steps, cfg.shift), cfg.boundary)
-    if not 0 < switch < cfg.steps:
-        raise ValueError(f"{cfg.steps} steps give switch step {switch}: one expert would never run")
+    work = measure.workload(cfg)
+    calib, held_out, neg, switch = work.calib, work.held_out, work.negative, work.switch
     probes = measure.probe_steps(cfg.steps, switch)
     names = {e: wan.main_linear_names(reference[e]) for e in EXPERTS}
     blocks = measure.rotation_blocks(reference[HIGH].get_submodule(n).in_features for n in names[HIGH])
