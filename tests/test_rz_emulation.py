@@ -3,26 +3,19 @@ the CPU through a numpy emulation of its operations (tests/rz_emulation.py), bit
 against the reference vectors and the torch implementation."""
 from __future__ import annotations
 
-from pathlib import Path
-
+import hif4_reference
 import numpy as np
 import pytest
+import rz_emulation as rz
 import torch
 
-import rz_emulation as rz
 from hifloat4 import torch_kernels
 from hifloat4.spec import scale_table
-
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "hif4_vectors" / "hif4_reference_vectors.npz"
 
 
 @pytest.fixture(scope="module")
 def vector_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    if not VECTORS.exists():
-        pytest.skip(f"reference vectors missing at {VECTORS}")
-    with np.load(VECTORS) as d:
-        names = sorted({k.rsplit("/", 1)[0] for k in d.files})
-        return {n: (d[f"{n}/input"], d[f"{n}/expected"]) for n in names}
+    return {n: hif4_reference.vector(n) for n in hif4_reference.vector_cases()}
 
 
 def torch_groups(v: np.ndarray) -> np.ndarray:
