@@ -17,7 +17,6 @@ BYTES_PER_GROUP = 36  # 32 bytes of codes, the scale byte, the level-1 byte, 2 l
 SCALE_MIN = 2.0**-48  # smallest E6M2 scale: 2^-48 x 1.00
 SCALE_MAX = 49152.0  # largest E6M2 scale: 2^15 x 1.50 (1.75 x 2^15 is NaN)
 BF16_ONE_SEVENTH = 0.142578125  # bf16(1/7), the spec's c
-SCALE_CODES = 255  # E6M2 byte values below the NaN code: index i is S = (1 + (i & 3)/4) * 2^((i >> 2) - 48)
 
 
 def _round_significand(v: Tensor, bits: int) -> Tensor:

@@ -124,3 +124,13 @@ def test_apply_and_save_declare_the_same_choices_with_their_defaults_as_calibrat
     assert defaults == {"alpha": -1.0, "statistic": "as calibrated", "rotation": "as calibrated",
                         "rotation_block": 512, "keep_high_precision": 0}
     assert policy.w4a4_config(_state(), "auto", **defaults) == policy.w4a4_config(_state(), "auto")
+
+
+def test_auto_weights_stay_packed_on_a_gpu_only():
+    assert policy.keep_packed("auto", "cuda") and not policy.keep_packed("auto", "cpu")
+    assert policy.keep_packed("packed", "cpu") and not policy.keep_packed("unpacked", "cuda")
+
+
+def test_an_unknown_weights_choice_is_refused():
+    with pytest.raises(ValueError, match="weights must be one of"):
+        policy.keep_packed("fp8", "cuda")

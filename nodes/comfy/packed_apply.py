@@ -64,10 +64,8 @@ def _carry_over(source, packed, packed_keys: set[str]) -> None:
             have.extend(f for f in list(fns) if f not in have)
     for key, obj in clone.object_patches.items():
         packed.add_object_patch(key, obj)
-    kept = {k: v for k, v in clone.patches.items() if k not in packed_keys}  # packed layers: merged already
-    for key, plist in kept.items():
-        packed.patches[key] = plist[:]
-    packed.hook_patches = {ref: {k: v for k, v in hp.items()} for ref, hp in clone.hook_patches.items()}
+    packed.patches.update((k, v) for k, v in clone.patches.items() if k not in packed_keys)  # packed: merged already
+    packed.hook_patches = clone.hook_patches  # the clone's own copy
 
 
 def apply_packed(model, config: hplan.W4A4Config, compute: str):
