@@ -73,11 +73,13 @@ class Int8Kernels:
     encode_rows(rows (R, K), mask | None) -> (codes int8 (R, 64 G), quarter float32 (G, R)).
     weight_rows(planar (N, 36 G), K) -> the same from planar packed rows.
     gemm(a, a_quarter, w, w_quarter, bias | None, out_dtype) -> (R, N).
+    tuning() -> what the GEMM's autotuner chose last (config, best ms per promotion).
     """
 
     encode_rows: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
     weight_rows: Callable[[Tensor, int], tuple[Tensor, Tensor]]
     gemm: Callable[..., Tensor]
+    tuning: Callable[[], dict]
 
 
 def requested() -> str:
@@ -179,7 +181,8 @@ def _table(name: str) -> Kernels:
                    lambda data, out: tk.decode_groups(data, out),
                    lambda rows, mask, divide, scale: tk.pack_rows(rows, mask, divide=divide, scale=scale),
                    tk.decode_rows,
-                   Int8Kernels(lambda rows, mask: tk.encode_int8_rows(rows, mask), tk.int8_rows, tk.int8_gemm))
+                   Int8Kernels(lambda rows, mask: tk.encode_int8_rows(rows, mask), tk.int8_rows, tk.int8_gemm,
+                               tk.gemm_tuning))
 
 
 def kernels(device: torch.device | str) -> Kernels:

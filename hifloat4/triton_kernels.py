@@ -530,13 +530,16 @@ def _gemm_configs() -> list[triton.Config]:
     """Tiles for the int8 GEMM: 128-wide tiles, software-pipelined loads (no register spills
     on sm_90; 128x256 and 256x128 spill). Each 64-wide K group is one int8 MMA chain and one
     promotion into the float32 accumulator (int32 -> float32, times the group's two scales):
-    three CUDA-core instructions per accumulator per group, which on Hopper costs more issue
-    slots than the int8 MMA itself, and on GPUs whose int8 rate is 4x their bf16 rate with
-    float32 accumulation (RTX 30/40/50) hides behind it. MAGIC=1 converts by an integer add
-    into a float's mantissa and one exact subtraction instead of I2F (measured by gpucheck)."""
+    three CUDA-core instructions per accumulator per group, about five with the loop's
+    addressing (SASS for sm_90, 128x64 tile: 321 per 64 accumulators), which on Hopper costs
+    more issue slots than the int8 MMA saves: bf16's MMA takes 2/64 of an SM cycle per
+    accumulator and group, three promotion instructions alone take 1.5/64. On GPUs whose
+    int8 rate is 4x their bf16 rate with float32 accumulation (RTX 30/40/50) the promotion
+    hides behind the MMA. Promoting by an integer add into a float's mantissa and two FFMAs
+    instead of I2F + FMUL + FFMA measured the same on an H200 (three instructions either way)."""
     if INTERPRETED:  # one small config: the interpreter runs numpy per program
-        return [triton.Config({"BM": 32, "BN": 32, "GROUP_M": 8, "MAGIC": 0}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "MAGIC": 0}, num_warps=w, num_stages=s)
+        return [triton.Config({"BM": 32, "BN": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4))]
 
 
@@ -544,7 +547,7 @@ def _gemm_configs() -> list[triton.Config]:
 @triton.jit
 def _int8_gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, G, a_stride, w_stride, sa_stride,
                       sw_stride, out_stride, M_BUCKET, HAS_BIAS: tl.constexpr, OUT_KIND: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """out[m, n] = sum over groups g, in order, of dot_g(a[m], w[n]) * sa[g, m] * sw[g, n] (+ bias[n]).
 
     dot_g is an int8 dot of 64 codes in [-28, 28]: |dot_g| <= 64 * 28 * 28 < 2^16, exact in
@@ -574,11 +577,7 @@ def _int8_gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, G, 
         sa = tl.load(sa_ptr + g * sa_stride + rm, mask=in_m, other=0.0)
         sw = tl.load(sw_ptr + g * sw_stride + rn, mask=in_n, other=0.0)
         dot = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        if MAGIC:  # 1.5 * 2^23 + dot as float bits, then subtract 1.5 * 2^23: both exact for |dot| < 2^22
-            dot_f = (dot + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-        else:
-            dot_f = dot.to(tl.float32)
-        acc += dot_f * (sa[:, None] * sw[None, :])
+        acc += dot.to(tl.float32) * (sa[:, None] * sw[None, :])
         a_ptrs += 64
         w_ptrs += 64
     if HAS_BIAS:
@@ -601,17 +600,32 @@ def _rounded_out_bits(bits, OUT_KIND: tl.constexpr):
     return res
 
 
+def gemm_tuning() -> dict:
+    """What the int8 GEMM's autotuner chose at its last tuning: the config, and each
+    config's time (ms) where this Triton exposes the timings."""
+    best = getattr(_int8_gemm_kernel, "best_config", None)
+    timings = getattr(_int8_gemm_kernel, "configs_timings", None) or {}
+    return {"config": None if best is None else _config_dict(best),
+            "configs_ms": [{**_config_dict(c), "ms": float(ms[0] if isinstance(ms, (list, tuple)) else ms)}
+                           for c, ms in timings.items()]}
+
+
+def _config_dict(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def _m_bucket(m: int) -> int:
     """Autotuning key for M: its power of two (token counts vary per call; tiles care about size)."""
     return 1 << max(0, m - 1).bit_length()
 
 
 def int8_gemm(a: Tensor, a_quarter: Tensor, w: Tensor, w_quarter: Tensor, bias: Tensor | None = None,
-              out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+              out_dtype: torch.dtype = torch.bfloat16, config: triton.Config | None = None) -> Tensor:
     """(M, N) = A @ W^T of HiF4 operands in int8 form (`encode_int8_rows` / `int8_rows`):
     a (M, 64 G) int8, a_quarter (G, M) float32, w (N, 64 G) int8, w_quarter (G, N) float32,
     plus bias (N,), written in out_dtype (fp16 saturating). Differs from a float32 matmul of
-    the same HiF4 values only in the summation order (float32, group after group)."""
+    the same HiF4 values only in the summation order (float32, group after group). `config`
+    (one of `_gemm_configs`' kind) bypasses the autotuner: every config gives the same bits."""
     if a.dtype != torch.int8 or w.dtype != torch.int8 or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1] \
             or a.shape[1] % GROUP_SIZE or a.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError(f"a and w must be int8 (rows, 64 G) with unit column stride and the same G, got "
@@ -634,8 +648,10 @@ def int8_gemm(a: Tensor, a_quarter: Tensor, w: Tensor, w_quarter: Tensor, bias: 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
+    kernel, fixed = (_int8_gemm_kernel, {}) if config is None else \
+        (_int8_gemm_kernel.fn, dict(config.all_kwargs()))
     with _device_context(a):
-        _int8_gemm_kernel[grid](a, a_quarter, w, w_quarter, bias_arg, out_arg, m, n, g, a.stride(0), w.stride(0),
-                                a_quarter.stride(0), w_quarter.stride(0), out.stride(0), _m_bucket(m),
-                                HAS_BIAS=bias is not None, OUT_KIND=_OUT_KINDS[out_dtype])
+        kernel[grid](a, a_quarter, w, w_quarter, bias_arg, out_arg, m, n, g, a.stride(0), w.stride(0),
+                     a_quarter.stride(0), w_quarter.stride(0), out.stride(0), _m_bucket(m),
+                     HAS_BIAS=bias is not None, OUT_KIND=_OUT_KINDS[out_dtype], **fixed)
     return out

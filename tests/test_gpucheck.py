@@ -60,6 +60,7 @@ def test_the_int8_path_is_measured_and_exact_where_triton_runs(cpu_result):
     assert "int8_gemm/bf16" not in str(result["exact"]["triton"])  # exact (True) on every fused case
     assert [r["shape"] for r in result["int8_gemm"]] == [[64, 256, 512], [64, 512, 256]]
     assert all(r["max_rel_err_vs_fp64"] <= 1e-5 for r in result["int8_gemm"])
+    assert all({"BM", "BN", "num_warps"} <= set(r["tuning"]["config"]) for r in result["int8_gemm"])
     assert "int8" in result["block"]["variants"] and result["block"]["int8_rel_l2_vs_w4a4"] <= 1e-3
     assert "int8_ms" in result["model_call"]
 

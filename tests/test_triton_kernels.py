@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from hif4_reference import vector, vector_cases
 
 from hifloat4 import pack, triton_kernels
@@ -427,6 +428,17 @@ def test_int8_gemm_adds_the_bias_and_rounds_once_to_the_output_dtype(int8_pair, 
     want = (int8_gemm(x, w) + bias.float())
     want = torch.where(want.isfinite(), want.clamp(-FP16_MAX, FP16_MAX), want) if out_dtype == torch.float16 else want
     assert_bits_equal(int8_gemm(x, w, bias, out_dtype), want.to(out_dtype))
+
+
+@pytest.mark.parametrize("tile", [(16, 64, 2), (64, 16, 4), (64, 64, 4)])
+def test_the_int8_gemm_gives_the_same_bits_with_every_tile(int8_pair, tile):
+    """The autotuner picks tiles per GPU and shape: the bits must not depend on them."""
+    x, w = int8_pair
+    a, qa = triton_kernels.encode_int8_rows(x.to(DEVICE))
+    b, qb = triton_kernels.encode_int8_rows(w.to(DEVICE))
+    config = triton.Config({"BM": tile[0], "BN": tile[1], "GROUP_M": 2}, num_warps=tile[2], num_stages=1)
+    got = triton_kernels.int8_gemm(a, qa, b, qb, None, torch.float32, config=config).cpu()
+    assert_bits_equal(got, int8_gemm(x, w))
 
 
 def test_int8_gemm_refuses_operands_of_different_k(int8_pair):

@@ -335,6 +335,7 @@ def int8_gemm_bench(device: torch.device, shapes: list[tuple[int, int, int]], re
         planar = planar_weight(w, torch.ones(k, device=device))
         b, qb = int8.weight_rows(planar, k)
         gemm_s = best_seconds(lambda: int8.gemm(a, qa, b, qb, None, torch.bfloat16), repeat, device)
+        tuning = int8.tuning()
         lin_s = best_seconds(lambda: w4a4_linear_packed(x, planar, k, None, LayerQuant(torch.ones(k, device=device)),
                                                         "int8"), repeat, device)
         bf16_s = best_seconds(lambda: F.linear(x, w), repeat, device)
@@ -342,7 +343,7 @@ def int8_gemm_bench(device: torch.device, shapes: list[tuple[int, int, int]], re
         rows.append({"shape": [m, k, n], "ms": gemm_s * 1e3, "linear_ms": lin_s * 1e3, "bf16_ms": bf16_s * 1e3,
                      "speedup": bf16_s / gemm_s, "linear_speedup": bf16_s / lin_s,
                      "tflops": 2 * m * k * n / gemm_s / 1e12,
-                     "max_rel_err_vs_fp64": _rel_err_vs_fp64(x, w, got, min(err_rows, m))})
+                     "max_rel_err_vs_fp64": _rel_err_vs_fp64(x, w, got, min(err_rows, m)), "tuning": tuning})
     return rows
 
 
