@@ -59,7 +59,8 @@ def comfy():
     if "comfyui_hifloat4" not in sys.modules:
         sys.modules["comfyui_hifloat4"] = plugin
         spec.loader.exec_module(plugin)
-    for name in ("folders", "weights", "w4a4", "packed_ops", "packed_loader", "export", "calibration", "progress"):
+    for name in ("folders", "weights", "w4a4", "packed_ops", "packed_loader", "export", "calibration", "progress",
+                 "patch_record"):
         mods[name] = importlib.import_module(f"comfyui_hifloat4.nodes.comfy.{name}")
     mods["linear"] = importlib.import_module("hifloat4.linear")
     yield mods
