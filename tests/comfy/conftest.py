@@ -68,6 +68,14 @@ def comfy():
 
 
 @pytest.fixture
+def calib_dir(comfy, tmp_path, monkeypatch):
+    """calib_states is this test's tmp_path."""
+    monkeypatch.setitem(comfy["folder_paths"].folder_names_and_paths, "calib_states",
+                        ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+@pytest.fixture
 def load_unet(comfy):
     """Load a tiny harness model like UNETLoader does; everything is unloaded after the test."""
     def load(name):

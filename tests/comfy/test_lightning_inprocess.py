@@ -26,13 +26,6 @@ def nodes(comfy):
 
 
 @pytest.fixture
-def calib_dir(comfy, tmp_path, monkeypatch):
-    monkeypatch.setitem(comfy["folder_paths"].folder_names_and_paths, "calib_states",
-                        ([str(tmp_path / "states")], {".safetensors"}))
-    return tmp_path / "states"
-
-
-@pytest.fixture
 def pair(load_unet):
     return load_unet("tiny_wan2.2_t2v_high_noise.safetensors"), load_unet("tiny_wan2.2_t2v_low_noise.safetensors")
 
