@@ -25,8 +25,8 @@ statistic, rotation, model family/variant, the experts (name, ordered layer
 list, model fingerprint), calibration settings, tool version, free-form `extra`,
 optionally `patches` (per expert, the LoRA / weight patches the model carried at
 calibration, hifloat4.patchset; absent in states written before it existed, which
-still load with it None), and a sha256 checksum over the canonical metadata and every tensor's name,
-dtype, shape and bytes. `load_state` checks all of it and raises PTQStateError.
+still load with it None), and a sha256 checksum over the canonical metadata and
+every tensor's name, dtype, shape and bytes. `load_state` checks all of it and raises PTQStateError.
 """
 from __future__ import annotations
 
