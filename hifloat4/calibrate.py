@@ -246,11 +246,13 @@ def expert_state(ex: ExpertObservation, config: CalibConfig) -> ExpertState:
 
 
 def build_state(experts: Mapping[str, ExpertObservation], config: CalibConfig,
-                calibration: Mapping | None = None, extra: Mapping | None = None) -> PTQState:
+                calibration: Mapping | None = None, extra: Mapping | None = None,
+                patches: Mapping[str, list] | None = None) -> PTQState:
     """PTQState from each expert's observations.
 
     `calibration` (settings such as prompts, steps, cfg, seed, switch step) is stored
-    as given, plus per-expert forward calls and tokens observed.
+    as given, plus per-expert forward calls and tokens observed. `patches`: per expert,
+    the hifloat4.patchset record of the weight patches (LoRAs) the model carried.
     """
     if not experts:
         raise ValueError("no experts to build a state from")
@@ -268,7 +270,7 @@ def build_state(experts: Mapping[str, ExpertObservation], config: CalibConfig,
         experts={name: expert_state(ex, config) for name, ex in experts.items()},
         alpha=float(config.alpha), percentile=float(config.percentile), statistic=config.statistic,
         rotation=hrotation.to_meta(config.rotation), model_family=family, model_variant=variant,
-        calibration=calib, extra=dict(extra or {}))
+        calibration=calib, extra=dict(extra or {}), patches=None if patches is None else dict(patches))
 
 
 def calibrate(experts: Mapping[str, nn.Module], run: Callable[[], None], config: CalibConfig = CalibConfig(),

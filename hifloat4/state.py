@@ -23,8 +23,10 @@ shared calibration file should be byte-identical each time it is written. The
 object holds format name/version, HiF4 spec id, method, alpha, percentile,
 statistic, rotation, model family/variant, the experts (name, ordered layer
 list, model fingerprint), calibration settings, tool version, free-form `extra`,
-and a sha256 checksum over the canonical metadata and every tensor's name,
-dtype, shape and bytes. `load_state` checks all of it and raises PTQStateError.
+optionally `patches` (per expert, the LoRA / weight patches the model carried at
+calibration, hifloat4.patchset; absent in states written before it existed, which
+still load with it None), and a sha256 checksum over the canonical metadata and
+every tensor's name, dtype, shape and bytes. `load_state` checks all of it and raises PTQStateError.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from hifloat4 import patchset
 from hifloat4 import rotation as hrotation
 from hifloat4 import wan
 from hifloat4.rotation import Rotation
@@ -135,6 +138,7 @@ class PTQState:
     method: str = METHOD
     tool_version: str = field(default_factory=tool_version)
     extra: dict = field(default_factory=dict)
+    patches: dict[str, list[dict]] | None = None  # hifloat4.patchset record per expert; None: not recorded
 
     @property
     def expert_names(self) -> list[str]:
@@ -186,6 +190,7 @@ _TYPES = {
     "model_family": (str,), "model_variant": (str,), "experts": (list,), "calibration": (dict,),
     "tool_version": (str,), "extra": (dict,), "checksum": (str,),
 }
+_OPTIONAL_TYPES = {"patches": (dict,)}  # absent in older states
 
 
 def _check_metadata(meta) -> None:
@@ -196,7 +201,7 @@ def _check_metadata(meta) -> None:
     if meta.get("format_version") not in READABLE_VERSIONS or not is_int(meta.get("format_version")):
         raise PTQStateError(f"unsupported format version {meta.get('format_version')!r}, "
                             f"this tool reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    check_fields(meta, _TYPES, PTQStateError)
+    check_fields(meta, _TYPES | {k: t for k, t in _OPTIONAL_TYPES.items() if k in meta}, PTQStateError)
     if not (_is_number(meta["alpha"]) and 0.0 <= meta["alpha"] <= 1.0):
         raise PTQStateError(f"alpha must be in [0, 1], got {meta['alpha']!r}")
     if not (_is_number(meta["percentile"]) and 0.0 < meta["percentile"] <= 100.0):
@@ -207,6 +212,8 @@ def _check_metadata(meta) -> None:
                             f"got {meta['statistic']!r}")
     _check_rotation(meta["rotation"])
     _check_experts(meta["experts"])
+    if "patches" in meta:
+        patchset.check_record(meta["patches"], [ex["name"] for ex in meta["experts"]], PTQStateError)
 
 
 def _check_rotation(rot: dict | None) -> None:
@@ -350,6 +357,8 @@ def encode_state(state: PTQState) -> tuple[dict[str, Tensor], dict[str, str]]:
                     for e, ex in state.experts.items()],
         "calibration": state.calibration, "tool_version": state.tool_version, "extra": state.extra,
     }
+    if state.patches is not None:
+        meta["patches"] = state.patches
     try:  # normalise to what JSON gives back (tuples -> lists, numpy/torch scalars rejected)
         meta = json.loads(json.dumps(meta, allow_nan=False))
     except (TypeError, ValueError) as e:
@@ -381,7 +390,7 @@ def decode_state(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | No
                     statistic=meta["statistic"], rotation=meta["rotation"], model_family=meta["model_family"],
                     model_variant=meta["model_variant"], calibration=meta["calibration"],
                     hif4_spec=meta["hif4_spec"], method=meta["method"], tool_version=meta["tool_version"],
-                    extra=meta["extra"])
+                    extra=meta["extra"], patches=meta.get("patches"))
 
 
 # --------------------------------------------------------------------------- files

@@ -5,6 +5,7 @@ import logging
 
 from . import policy
 from .comfy.packed_apply import apply_packed, compute_device
+from .comfy.patch_record import mismatch_warning
 from .comfy.progress import tell
 from .comfy.w4a4 import apply_w4a4, require_unquantized
 from .comfy.weights import plan_for
@@ -47,7 +48,8 @@ class HiF4ApplyW4A4:
             raise ValueError("compute 'int8' multiplies packed HiF4 codes: set weights to 'packed' (or 'auto' on a GPU)")
         else:
             out = apply_w4a4(model, plan.layers)
-        texts = [tell(plan.warning, logging.WARNING)["text"][0]] if plan.warning else []
+        warnings = [w for w in (plan.warning, mismatch_warning(model, config.state, plan.expert)) if w]
+        texts = [tell(w, logging.WARNING)["text"][0] for w in warnings]
         if plan.kept or config.statistic == "adaptive":
             texts += tell(plan.describe())["text"]
         return {"ui": {"text": texts}, "result": (out,)} if texts else (out,)

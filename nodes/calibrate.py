@@ -15,6 +15,7 @@ from hifloat4 import wan as hwan
 
 from . import policy
 from .comfy import calibration, folders
+from .comfy.patch_record import patch_record
 from .comfy.progress import Progress, check_interrupt, tell
 from .comfy.w4a4 import require_unquantized
 from .comfy.weights import wan_root
@@ -132,7 +133,8 @@ class HiF4CalibrateWan22:
             settings["calls"] = {name: s.calls() for name, s in sessions.items()}
             settings["sigma_range"] = {name: s.sigma_range() for name, s in sessions.items()}
 
-        state = hcalibrate.build_state(observed, config, calibration=settings)
+        state = hcalibrate.build_state(observed, config, calibration=settings,
+                                       patches={name: patch_record(m) for name, m in experts.items()})
         name, subfolder = self._save(state, filename_prefix)
         written = tell(f"saved PTQ state {os.path.join(folders.STATES, subfolder, name)} ({', '.join(experts)}; "
                        f"{len(conds)} prompt(s) x {steps} steps); press R so Load PTQ State lists it")

@@ -32,7 +32,9 @@ def good(tmp_path_factory):
         with observe(model) as stats, torch.no_grad():
             model(x, t, ctx)
         experts[name] = ExpertObservation(model, stats)
-    state = build_state(experts, CalibConfig(), calibration={"prompts": 1, "steps": 1, "cfg": 5.0})
+    state = build_state(experts, CalibConfig(), calibration={"prompts": 1, "steps": 1, "cfg": 5.0},
+                        patches={"high_noise": [{"strength": 1.0, "keys": 7, "digest": "sha256:" + "0" * 64}],
+                                 "low_noise": []})
     return save_state(tmp_path_factory.mktemp("inspect") / "good.safetensors", state)
 
 
@@ -55,6 +57,11 @@ def test_good_file_output_shows_the_method_metadata_and_checksum(good):
     for text in ("checksum:    OK", "hifloat4-ptq v2", "alpha 0.5", "percentile 99.9", "statistic tail",
                  "rotation:    none", '"prompts": 1'):
         assert text in out, text
+
+
+def test_output_shows_the_recorded_lora_patches(good):
+    _, out, _ = _run([good])
+    assert "patches:     high_noise: 7 weights at strength 1; low_noise: none" in out
 
 
 def test_json_summary_matches_the_file(good):

@@ -693,3 +693,50 @@ def test_remask_with_neither_choice_keeps_the_stored_masks_and_names_their_stati
 def test_remask_rejects_an_unknown_statistic(state):
     with pytest.raises(PTQStateError, match="statistic"):
         masks.remask(state, statistic="median")
+
+
+# --------------------------------------------------------------------------- recorded weight patches (LoRAs)
+
+DIGEST = "sha256:" + "ab" * 32
+PATCHES = {"high_noise": [{"strength": 1.0, "keys": 40, "digest": DIGEST}], "low_noise": []}
+
+
+@pytest.fixture
+def with_patches(tmp_path, state):
+    return save_state(tmp_path / "lora.safetensors", dataclasses.replace(state, patches=PATCHES))
+
+
+def test_recorded_patches_round_trip(with_patches):
+    assert load_state(with_patches).patches == PATCHES
+
+
+def test_a_state_without_a_patch_record_loads_with_none(saved):
+    with safe_open(saved, "pt") as f:
+        assert "patches" not in json.loads(f.metadata()[st.METADATA_KEY])
+    assert load_state(saved).patches is None
+
+
+@pytest.mark.parametrize("patches, message", [
+    ("lora", "'patches' has type str"),
+    ({"high_noise": []}, "exactly the experts"),
+    ({"high_noise": [], "low_noise": [], "extra": []}, "exactly the experts"),
+    ({"high_noise": {}, "low_noise": []}, "must be a list"),
+    ({"high_noise": [{"strength": 1.0, "digest": DIGEST}], "low_noise": []}, "exactly digest, keys, strength"),
+    ({"high_noise": [{"strength": "1", "keys": 1, "digest": DIGEST}], "low_noise": []}, "finite number"),
+    ({"high_noise": [{"strength": True, "keys": 1, "digest": DIGEST}], "low_noise": []}, "finite number"),
+    ({"high_noise": [{"strength": 1.0, "keys": 0, "digest": DIGEST}], "low_noise": []}, "keys must be an int"),
+    ({"high_noise": [{"strength": 1.0, "keys": 1.5, "digest": DIGEST}], "low_noise": []}, "keys must be an int"),
+    ({"high_noise": [{"strength": 1.0, "keys": 1, "digest": "md5:00"}], "low_noise": []}, "64 hex digits"),
+    ({"high_noise": [{"strength": 1.0, "keys": 1, "digest": DIGEST}] * 2, "low_noise": []}, "appears twice"),
+    ({"high_noise": [{"strength": float(i), "keys": 1, "digest": DIGEST} for i in range(300)], "low_noise": []},
+     "at most 256 groups"),
+])
+def test_hostile_patch_records_are_rejected(tmp_path, saved, patches, message):
+    path = _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(m, "patches", patches))
+    with pytest.raises(PTQStateError, match=message):
+        load_state(path)
+
+
+def test_save_refuses_an_invalid_patch_record(tmp_path, state):
+    with pytest.raises(PTQStateError, match="exactly the experts"):
+        save_state(tmp_path / "x.safetensors", dataclasses.replace(state, patches={"single": []}))

@@ -29,6 +29,7 @@ import urllib.request
 import pytest
 
 from hifloat4 import sampling
+from hifloat4 import state as hstate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -44,7 +45,11 @@ T2V_APPLY = "Wan2.2 T2V-A14B with HiF4 W4A4"
 I2V_APPLY = "Wan2.2 I2V-A14B with HiF4 W4A4"
 TI2V_APPLY = "Wan2.2 TI2V-5B with HiF4 W4A4"
 T2V_COMPARE = "Wan2.2 T2V-A14B unquantized vs HiF4 W4A4"
-EXPECTED = {T2V_CALIBRATE, T2V_APPLY, I2V_APPLY, TI2V_APPLY, T2V_COMPARE}
+T2V_LIGHTNING = "Wan2.2 T2V-A14B Lightning 4-step with HiF4 W4A4"
+EXPECTED = {T2V_CALIBRATE, T2V_APPLY, I2V_APPLY, TI2V_APPLY, T2V_COMPARE, T2V_LIGHTNING}
+# The files users download for the official Wan2.2 T2V 4-step (lightx2v) template, per expert.
+LIGHTNING_LORAS = {"high_noise": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+                   "low_noise": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"}
 # Nodes the frontend itself provides (never in /object_info, dropped from API prompts).
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 # Core nodes of newer ComfyUI releases that 0.3.64 lacks (the newest official Wan2.2
@@ -385,6 +390,29 @@ def test_t2v_apply_is_the_official_two_expert_structure_plus_hif4():
     assert first["widgets_values"][8] == second["widgets_values"][7]  # end_at_step == start_at_step
 
 
+def test_lightning_is_the_official_4_step_graph_plus_hif4():
+    """Each expert: UNETLoader -> the official lightx2v LoRA at 1.0 -> ModelSamplingSD3 (shift 5)
+    -> Apply -> KSamplerAdvanced (4 steps, cfg 1, handover at 2); the muted calibration
+    sees the same LoRA'd models on the same schedule."""
+    wf = load_workflow(T2V_LIGHTNING)
+    applies = _state_link_chain(wf)
+    samplers = sorted(of_type(wf, "KSamplerAdvanced"), key=lambda n: n["widgets_values"][0] == "disable")
+    (cal,) = of_type(wf, "HiF4CalibrateWan22", active_only=False)
+    for expert, sampler in zip(LIGHTNING_LORAS, samplers):
+        apply = _upstream(wf, sampler, "model", "HiF4ApplyW4A4")
+        assert apply in applies
+        shift = _upstream(wf, apply, "model", "ModelSamplingSD3")
+        assert shift["widgets_values"] == [5.0]
+        lora = _upstream(wf, shift, "model", "LoraLoaderModelOnly")
+        assert lora["widgets_values"] == [LIGHTNING_LORAS[expert], 1.0]
+        assert expert in _upstream(wf, lora, "model", "UNETLoader")["widgets_values"][0]
+        assert _upstream(wf, cal, f"model_{expert}", "ModelSamplingSD3") is shift
+    first, second = samplers
+    assert first["widgets_values"][3:5] == [4, 1.0] and first["widgets_values"][7:9] == [0, 2]
+    assert second["widgets_values"][3:5] == [4, 1.0] and second["widgets_values"][7] == 2
+    assert cal["widgets_values"][1:3] == [4, 1.0] and cal["widgets_values"][5] == 2
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED - {T2V_CALIBRATE}))
 def test_apply_workflows_load_a_state_and_apply_it_per_expert(name):
     wf = load_workflow(name)
@@ -409,9 +437,9 @@ def test_state_names_match_what_the_calibration_saves():
 
 
 def test_calibration_nodes_run_where_intended():
-    """T2V: the calibrate workflow calibrates; I2V/TI2V carry a muted calibrate node."""
+    """T2V: the calibrate workflow calibrates; I2V/TI2V/Lightning carry a muted calibrate node."""
     assert of_type(load_workflow(T2V_CALIBRATE), "HiF4CalibrateWan22")
-    for name in (I2V_APPLY, TI2V_APPLY):
+    for name in (I2V_APPLY, TI2V_APPLY, T2V_LIGHTNING):
         wf = load_workflow(name)
         cal = of_type(wf, "HiF4CalibrateWan22", active_only=False)
         assert len(cal) == 1 and cal[0]["mode"] == 2
@@ -544,6 +572,7 @@ TINY_UNET = {"t2v_high": "tiny_wan2.2_t2v_high_noise.safetensors", "t2v_low": "t
              "i2v_high": "tiny_wan2.2_i2v_high_noise.safetensors", "i2v_low": "tiny_wan2.2_i2v_low_noise.safetensors",
              "ti2v_5B": "tiny_wan2.2_ti2v_5b.safetensors"}
 TINY_VAE = "tiny_wan_2.1_vae.safetensors"
+TINY_LORA = {expert: f"tiny_lightning_{expert}.safetensors" for expert in LIGHTNING_LORAS}
 TINY_STEPS = 4
 
 
@@ -583,6 +612,8 @@ def tiny_prompt(prompt: dict) -> dict:
             inp["unet_name"] = next(v for key, v in TINY_UNET.items() if key in inp["unet_name"])
         elif t == "VAELoader":
             inp["vae_name"] = TINY_VAE
+        elif t == "LoraLoaderModelOnly":
+            inp["lora_name"] = next(v for key, v in TINY_LORA.items() if key in inp["lora_name"])
         elif t == "CLIPLoader":
             del p[k]
         elif t == "CLIPTextEncode":
@@ -645,6 +676,9 @@ def unmuted_calibration(name: str, catalogue) -> tuple[dict, str]:
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflows_ws")
     models = harness.make_models_dir(root)
+    for seed, name in enumerate(TINY_LORA.values()):  # stand-ins for the Lightning LoRAs
+        harness.write_lora(models / "loras" / name, [f"blocks.{i}.{n}" for i in range(4)
+                                                     for n in ("self_attn.q", "ffn.0", "ffn.2")], seed=seed)
     server = harness.ComfyServer(models, [harness.plugin_link(root)], log_path=root / "comfy.log")
     yield {"server": server, "models": models}
     server.stop()
@@ -706,18 +740,18 @@ def live_catalogue(live):
 
 @pytest.fixture(scope="module")
 def calibrated(live, live_catalogue):
-    """The three calibrations the workflows provide, run on the tiny models: the T2V
+    """The four calibrations the workflows provide, run on the tiny models: the T2V
     calibrate workflow as a whole (with its preview), and the muted calibrate nodes of
-    the I2V and TI2V workflows switched on. Each saves <prefix>_00001.safetensors."""
+    the I2V, TI2V and Lightning workflows switched on. Each saves <prefix>_00001.safetensors."""
     server = live["server"]
     results = {T2V_CALIBRATE:
                run_ok(server, tiny_prompt(to_api(load_workflow(T2V_CALIBRATE), live_catalogue)))}
-    for name in (I2V_APPLY, TI2V_APPLY):
+    for name in (I2V_APPLY, TI2V_APPLY, T2V_LIGHTNING):
         prompt, _ = unmuted_calibration(name, live_catalogue)
         results[name] = run_ok(server, tiny_prompt(prompt))
     saved = sorted(p.name for p in (live["models"] / "calib_states").iterdir())
     assert saved == ["wan22_i2v_a14b_hif4_00001.safetensors", "wan22_t2v_a14b_hif4_00001.safetensors",
-                     "wan22_ti2v_5b_hif4_00001.safetensors"]
+                     "wan22_t2v_a14b_lightning_hif4_00001.safetensors", "wan22_ti2v_5b_hif4_00001.safetensors"]
     return results
 
 
@@ -761,3 +795,34 @@ def test_workflow_runs_in_comfyui(name, live, calibrated, live_catalogue):
         ssim = float(re.search(r"SSIM ([0-9.]+) \(worst", report).group(1))
         assert 0 < psnr < 200 and 0 <= ssim < 1, report  # finite: the rows differ
         assert len(result.outputs[str(of_type(wf, "PreviewImage")[0]["id"])]["images"]) == 1
+
+
+def _apply_texts(result, wf) -> dict[str, list[str]]:
+    """The text each Apply node showed (its "ui" output), by node title."""
+    return {a["title"]: result.outputs.get(str(a["id"]), {}).get("text", []) for a in of_type(wf, "HiF4ApplyW4A4")}
+
+
+@comfyui
+@needs_comfy
+def test_lightning_state_records_its_schedule_and_loras(live, calibrated):
+    state = hstate.load_state(live["models"] / "calib_states" / "wan22_t2v_a14b_lightning_hif4_00001.safetensors")
+    c = state.calibration
+    assert (c["steps"], c["cfg"], c["switch_step"]) == (4, 1.0, 2)
+    for expert in LIGHTNING_LORAS:
+        (group,) = state.patches[expert]
+        assert group["strength"] == 1.0 and group["keys"] == 12  # the tiny LoRA patches 12 Linears
+
+
+@comfyui
+@needs_comfy
+def test_lightning_apply_is_silent_with_its_loras_and_warns_at_another_strength(live, calibrated, live_catalogue):
+    wf = load_workflow(T2V_LIGHTNING)
+    prompt = tiny_prompt(to_api(wf, live_catalogue))
+    assert _apply_texts(run_ok(live["server"], prompt), wf) == {a["title"]: [] for a in of_type(wf, "HiF4ApplyW4A4")}
+    high_lora = next(k for k, n in prompt.items() if n["class_type"] == "LoraLoaderModelOnly"
+                     and "high_noise" in n["inputs"]["lora_name"])
+    prompt[high_lora]["inputs"]["strength_model"] = 0.5
+    texts = _apply_texts(run_ok(live["server"], prompt), wf)
+    assert texts["Apply HiFloat4 W4A4 (low noise)"] == []
+    (warning,) = texts["Apply HiFloat4 W4A4 (high noise)"]
+    assert "different strength: 12 patched weights at 0.5, calibrated at 1" in warning

@@ -91,10 +91,19 @@ def summarize(path: str | os.PathLike) -> dict:
         "calibration": state.calibration,
         "tool_version": state.tool_version,
         "extra": state.extra,
+        "patches": state.patches,
         "experts": experts,
         "total_layers": sum(e["layers"] for e in experts),
         "total_channels": sum(e["channels"] for e in experts),
     }
+
+
+def _patches_text(patches: dict | None) -> str:
+    """The LoRA / weight patches each expert carried at calibration (hifloat4.patchset)."""
+    if patches is None:
+        return "(not recorded)"
+    return "; ".join(f"{e}: " + (", ".join(f"{g['keys']} weights at strength {g['strength']:g}" for g in groups)
+                                 or "none") for e, groups in patches.items())
 
 
 def render(summary: dict) -> str:
@@ -114,6 +123,7 @@ def render(summary: dict) -> str:
     ]
     if summary["extra"]:
         lines.append("extra:       " + json.dumps(summary["extra"], sort_keys=True))
+    lines.append("patches:     " + _patches_text(summary["patches"]))
     lines.append(f"experts:     {len(summary['experts'])} ({summary['total_layers']} layers, "
                  f"{summary['total_channels']} channels in all)")
     for e in summary["experts"]:

@@ -59,11 +59,20 @@ def comfy():
     if "comfyui_hifloat4" not in sys.modules:
         sys.modules["comfyui_hifloat4"] = plugin
         spec.loader.exec_module(plugin)
-    for name in ("folders", "weights", "w4a4", "packed_ops", "packed_loader", "export", "calibration", "progress"):
+    for name in ("folders", "weights", "w4a4", "packed_ops", "packed_loader", "export", "calibration", "progress",
+                 "patch_record"):
         mods[name] = importlib.import_module(f"comfyui_hifloat4.nodes.comfy.{name}")
     mods["linear"] = importlib.import_module("hifloat4.linear")
     yield mods
     mods["comfy.model_management"].unload_all_models()
+
+
+@pytest.fixture
+def calib_dir(comfy, tmp_path, monkeypatch):
+    """calib_states is this test's tmp_path."""
+    monkeypatch.setitem(comfy["folder_paths"].folder_names_and_paths, "calib_states",
+                        ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
 
 
 @pytest.fixture

@@ -37,13 +37,6 @@ def nodes(comfy):
 
 
 @pytest.fixture
-def calib_dir(comfy, tmp_path, monkeypatch):
-    monkeypatch.setitem(comfy["folder_paths"].folder_names_and_paths, "calib_states",
-                        ([str(tmp_path)], {".safetensors"}))
-    return tmp_path
-
-
-@pytest.fixture
 def progress(comfy, monkeypatch):
     """Every ProgressBar update as (value, total); set .raise_at to cancel there."""
     import comfy.utils

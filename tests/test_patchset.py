@@ -1,0 +1,56 @@
+"""Specification of hifloat4.patchset: the LoRA / weight-patch record of a PTQ state
+and how Apply compares it with a model's patches."""
+from hifloat4 import patchset
+
+
+def _record(*groups):
+    return patchset.group_patches((s, d) for s, digests in groups for d in digests)
+
+
+LORA = ["k1", "k2", "k3"]  # content digests of one LoRA's patch entries
+OTHER = ["o1", "o2"]
+
+
+def test_one_lora_at_one_strength_is_one_group_counting_its_entries():
+    (g,) = _record((1.0, LORA))
+    assert g["strength"] == 1.0 and g["keys"] == 3 and g["digest"].startswith("sha256:")
+
+
+def test_the_record_does_not_depend_on_entry_order():
+    assert _record((1.0, LORA)) == _record((1.0, LORA[::-1]))
+
+
+def test_the_digest_does_not_include_the_strength():
+    assert _record((1.0, LORA))[0]["digest"] == _record((0.5, LORA))[0]["digest"]
+
+
+def test_matching_patches_give_no_warning():
+    assert patchset.mismatch_warning("high_noise", _record((1.0, LORA)), _record((1.0, LORA))) is None
+
+
+def test_a_state_without_a_record_gives_no_warning():
+    assert patchset.mismatch_warning("high_noise", None, _record((1.0, LORA))) is None
+
+
+def test_a_missing_lora_is_named_missing():
+    assert patchset.differences(_record((1.0, LORA)), []) == ["missing: 3 patched weights at strength 1"]
+
+
+def test_an_extra_lora_is_named_extra():
+    assert patchset.differences(_record((1.0, LORA)), _record((1.0, LORA), (0.7, OTHER))) == \
+        ["extra: 2 patched weights at strength 0.7"]
+
+
+def test_a_lora_at_another_strength_is_named_a_different_strength():
+    assert patchset.differences(_record((1.0, LORA)), _record((0.5, LORA))) == \
+        ["different strength: 3 patched weights at 0.5, calibrated at 1"]
+
+
+def test_another_lora_at_the_same_strength_is_missing_plus_extra():
+    assert patchset.differences(_record((1.0, LORA)), _record((1.0, OTHER))) == \
+        ["missing: 3 patched weights at strength 1", "extra: 2 patched weights at strength 1"]
+
+
+def test_calibrated_without_patches_warns_about_a_lora_now():
+    text = patchset.mismatch_warning("low_noise", [], _record((1.0, LORA)))
+    assert "low_noise expert" in text and "extra: 3 patched weights at strength 1" in text
