@@ -7,8 +7,8 @@ why); tests/comfy/test_layout_probe.py checks the document's claims with it, and
 prints the measurements (load time, forward time, memory, lines) of the layout path
 against the plugin's own ops (nodes/comfy/packed_ops.py).
 
-What a plugin can register (feature-detected: comfy.quant_ops.register_layout_op exists,
-ComfyUI >= 0.8 with comfy_kitchen): a QuantizedLayout class, its aten ops, and a
+What a plugin can register (feature-detected: comfy.quant_ops.register_layout_op exists
+and comfy_kitchen imported, as on 0.33.0; 0.3.64 has neither): a QuantizedLayout class, its aten ops, and a
 QUANT_ALGOS entry (a module dict). What it cannot: core's per-format loader
 (comfy/ops.py _load_quantized_module, a closed if/elif chain raising "Unsupported
 quantization format"), so the Linear that builds the QuantizedTensor is ours: core's
