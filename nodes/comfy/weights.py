@@ -7,7 +7,10 @@ ComfyUI facts relied on:
   releases use `MixedPrecisionOps.Linear`, a plain Module holding a `QuantizedTensor`
   (a tensor subclass overriding `dequantize`) and recording `quant_format`;
 - stored forms: bf16/fp16/fp32, fp8, 0.3.64's `scale_weight` (undone by the layer's
-  `convert_weight`), comfy_quant; formats HiF4 cannot start from exactly are refused;
+  `convert_weight`), comfy_quant; formats HiF4 cannot start from exactly are refused,
+  and so are ComfyUI-GGUF's quantized weights (its GGMLTensor: a plain tensor subclass
+  holding the raw GGUF blocks as uint8, its `shape` the logical one, its type in
+  `tensor_type`), which would otherwise read as garbage floats;
 - clones share the model: a weight may hold another clone's patch, the original is in
   the shared `ModelPatcher.backup`; weight patches merge with comfy.lora.calculate_weight;
 - casts: `comfy.ops.cast_bias_weight` (offloadable since 0.4, then released with
@@ -62,8 +65,21 @@ def is_quantized_tensor(t: Tensor) -> bool:
     return getattr(type(t), "dequantize", Tensor.dequantize) is not Tensor.dequantize
 
 
+def gguf_type(weight: Tensor) -> str | None:
+    """The GGUF quantization type (e.g. "Q4_K") of a ComfyUI-GGUF weight; None for other
+    weights and for GGUF's F16/F32 tensors, which hold plain floats."""
+    kind = getattr(weight, "tensor_type", None)
+    if kind is None or weight.is_floating_point():
+        return None
+    return str(getattr(kind, "name", kind))
+
+
 def source_format(module: nn.Module) -> str | None:
-    """The comfy_quant format of a layer (None: plain weights or 0.3.64's scaled fp8)."""
+    """The comfy_quant format of a layer ("gguf_<type>" for ComfyUI-GGUF's quantized
+    weights; None: plain weights or 0.3.64's scaled fp8)."""
+    gguf = gguf_type(module.weight)
+    if gguf is not None:
+        return f"gguf_{gguf.lower()}"
     fmt = getattr(module, "quant_format", None)
     if fmt is None and is_quantized_tensor(module.weight):
         fmt = str(getattr(module.weight, "_layout_cls", None) or getattr(module, "layout_type", "quantized"))
@@ -80,6 +96,8 @@ def _refuse_unserved_formats(found: Mapping[str, nn.Module]) -> None:
     if not formats:
         return
     fmt, names = next(iter(formats.items()))
+    if fmt.startswith("gguf_"):
+        raise ValueError(gguf_refusal(names[0], fmt[5:].upper()))
     if fmt.startswith("int8") and hasattr(comfy.ops, "linear_input_act"):
         why = ("Wan's ffn runs INT8 layers through comfy.ops.linear_input_act, ComfyUI's own INT8 kernel, which "
                "bypasses the layer's forward, so the ffn.2 activations could never be quantized or calibrated")
@@ -90,6 +108,18 @@ def _refuse_unserved_formats(found: Mapping[str, nn.Module]) -> None:
                      f"ComfyUI's {fmt!r} quantized format ({why}). Load a bf16/fp16 or fp8_scaled copy of the "
                      f"model instead." + (f" Other formats found: {', '.join(map(str, list(formats)[1:]))}."
                                           if len(formats) > 1 else ""))
+
+
+def gguf_refusal(layer: str, kind: str) -> str:
+    """Why a GGUF model cannot be a HiF4 source, and where the file it came from is."""
+    return (f"HiF4 cannot start from a GGUF model: its layers (e.g. {layer}) are stored as GGUF {kind}, weights that "
+            "are already quantized. Quantizing them again to HiF4 would round rounded weights a second time, "
+            "compounding both errors, and HiF4's channel masks are calibrated on the statistics of the unquantized "
+            "weights. Load the original bf16/fp16 or fp8_scaled file with the core 'Load Diffusion Model' node "
+            "instead: the Wan2.2 files are in Comfy-Org/Wan_2.2_ComfyUI_Repackaged on Hugging Face "
+            "(split_files/diffusion_models/, e.g. wan2.2_t2v_high_noise_14B_fp16.safetensors or "
+            "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors). A packed HiF4 file of it ('Save HiF4 Model') is "
+            "about as small as a Q4 GGUF.")
 
 
 def linear_modules(model, names) -> dict[str, nn.Module]:
@@ -135,6 +165,9 @@ def original_weight(model, name: str, module: nn.Module, columns: int | None = N
     """The unpatched weight (optionally its first `columns` inputs) dequantized to a
     fresh fp32 tensor on its current device."""
     weight = stored_tensor(model, weight_key(name), module.weight)
+    gguf = gguf_type(weight)
+    if gguf is not None:  # raw GGUF blocks: no real values to read
+        raise ValueError(gguf_refusal(name, gguf))
     with torch.no_grad():
         if is_quantized_tensor(weight):
             weight = dequantize(module, weight)  # slicing a QuantizedTensor would slice its raw units
