@@ -15,12 +15,15 @@ from hifloat4 import wan as hwan
 
 from . import policy
 from .comfy import calibration, folders
+from .comfy.lora_graph import loras_upstream
 from .comfy.patch_record import patch_record
 from .comfy.progress import Progress, check_interrupt, tell
 from .comfy.w4a4 import require_unquantized
 from .comfy.weights import wan_root
 
 CATEGORY = "hifloat4"
+# The MODEL input each expert comes in on, where the graph is searched for its LoRAs.
+EXPERT_INPUTS = {policy.HIGH: "model_high_noise", policy.LOW: "model_low_noise", policy.SINGLE: "model_high_noise"}
 
 
 class HiF4CalibrateWan22:
@@ -76,6 +79,9 @@ class HiF4CalibrateWan22:
                                                       "largest power of two dividing each layer's inputs, up "
                                                       "to this, is used)."}),
             },
+            # The queued graph and this node's id in it: the LoRA file names upstream of each
+            # expert's MODEL, which the model itself does not carry (recorded in the state).
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     RETURN_TYPES = ("PTQ_STATE",)
@@ -88,7 +94,8 @@ class HiF4CalibrateWan22:
 
     def calibrate(self, model_high_noise, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                   scheduler, switch_step, percentile, alpha, filename_prefix, model_low_noise=None, clip=None,
-                  extra_prompts="", rotation="off", rotation_block=hrotation.DEFAULT_BLOCK):
+                  extra_prompts="", rotation="off", rotation_block=hrotation.DEFAULT_BLOCK, prompt=None,
+                  unique_id=None):
         high, low = model_high_noise, model_low_noise
         policy.split_prefix(filename_prefix)  # refuse a bad name before sampling for minutes
         for m in (high, low):
@@ -134,7 +141,9 @@ class HiF4CalibrateWan22:
             settings["sigma_range"] = {name: s.sigma_range() for name, s in sessions.items()}
 
         state = hcalibrate.build_state(observed, config, calibration=settings,
-                                       patches={name: patch_record(m) for name, m in experts.items()})
+                                       patches={name: patch_record(m, loras_upstream(prompt, unique_id,
+                                                                                     EXPERT_INPUTS[name]))
+                                                for name, m in experts.items()})
         name, subfolder = self._save(state, filename_prefix)
         written = tell(f"saved PTQ state {os.path.join(folders.STATES, subfolder, name)} ({', '.join(experts)}; "
                        f"{len(conds)} prompt(s) x {steps} steps); press R so Load PTQ State lists it")

@@ -10,8 +10,9 @@ NODES = pathlib.Path(__file__).resolve().parents[1] / "nodes"
 
 
 def load_node_module(name: str) -> ModuleType:
-    """nodes/<name>.py as a module of its own (named hifloat4_nodes_<name>)."""
-    spec = importlib.util.spec_from_file_location(f"hifloat4_nodes_{name}", NODES / f"{name}.py")
+    """nodes/<name>.py as a module of its own (named hifloat4_nodes_<name>, "/" as "_");
+    `name` may be a path below nodes/ (e.g. "comfy/lora_graph") for a module without ComfyUI imports."""
+    spec = importlib.util.spec_from_file_location(f"hifloat4_nodes_{name.replace('/', '_')}", NODES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -33,7 +33,8 @@ def good(tmp_path_factory):
             model(x, t, ctx)
         experts[name] = ExpertObservation(model, stats)
     state = build_state(experts, CalibConfig(), calibration={"prompts": 1, "steps": 1, "cfg": 5.0},
-                        patches={"high_noise": [{"strength": 1.0, "keys": 7, "digest": "sha256:" + "0" * 64}],
+                        patches={"high_noise": [{"strength": 1.0, "keys": 7, "digest": "sha256:" + "0" * 64,
+                                                  "names": ["lightx2v_high.safetensors"]}],
                                  "low_noise": []})
     return save_state(tmp_path_factory.mktemp("inspect") / "good.safetensors", state)
 
@@ -61,7 +62,8 @@ def test_good_file_output_shows_the_method_metadata_and_checksum(good):
 
 def test_output_shows_the_recorded_lora_patches(good):
     _, out, _ = _run([good])
-    assert "patches:     high_noise: 7 weights at strength 1; low_noise: none" in out
+    assert "patches:     high_noise: 7 patched weights at strength 1 (lightx2v_high.safetensors); low_noise: none" \
+        in out
 
 
 def test_json_summary_matches_the_file(good):

@@ -710,6 +710,13 @@ def test_recorded_patches_round_trip(with_patches):
     assert load_state(with_patches).patches == PATCHES
 
 
+def test_recorded_lora_file_names_round_trip(tmp_path, state):
+    named = {"high_noise": [{"strength": 1.0, "keys": 40, "digest": DIGEST,
+                             "names": ["loras/wan2.2 lightx2v (high) é.safetensors"]}], "low_noise": []}
+    path = save_state(tmp_path / "named.safetensors", dataclasses.replace(state, patches=named))
+    assert load_state(path).patches == named
+
+
 def test_a_state_without_a_patch_record_loads_with_none(saved):
     with safe_open(saved, "pt") as f:
         assert "patches" not in json.loads(f.metadata()[st.METADATA_KEY])
@@ -730,6 +737,13 @@ def test_a_state_without_a_patch_record_loads_with_none(saved):
     ({"high_noise": [{"strength": 1.0, "keys": 1, "digest": DIGEST}] * 2, "low_noise": []}, "appears twice"),
     ({"high_noise": [{"strength": float(i), "keys": 1, "digest": DIGEST} for i in range(300)], "low_noise": []},
      "at most 256 groups"),
+    ({"high_noise": [{"strength": 1.0, "keys": 1, "digest": DIGEST, "note": "x"}], "low_noise": []},
+     "optionally names"),
+    *[({"high_noise": [{"strength": 1.0, "keys": 1, "digest": DIGEST, "names": names}], "low_noise": []},
+       "names must be a list") for names in (
+        "lora.safetensors", [], [7], [""], ["a" * 513], ["a.safetensors"] * 33,
+        ["lora\nrm -rf.safetensors"], ["\x1b[2Jlora.safetensors"], ["evil\u202efig.safetensors"],
+        ["\ud800.safetensors"], ["line\u2028break.safetensors"])],
 ])
 def test_hostile_patch_records_are_rejected(tmp_path, saved, patches, message):
     path = _bad_copy(saved, tmp_path, meta_fn=lambda m: _set(m, "patches", patches))

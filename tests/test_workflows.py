@@ -811,6 +811,7 @@ def test_lightning_state_records_its_schedule_and_loras(live, calibrated):
     for expert in LIGHTNING_LORAS:
         (group,) = state.patches[expert]
         assert group["strength"] == 1.0 and group["keys"] == 12  # the tiny LoRA patches 12 Linears
+        assert group["names"] == [TINY_LORA[expert]]  # found upstream through ModelSamplingSD3
 
 
 @comfyui
@@ -825,4 +826,4 @@ def test_lightning_apply_is_silent_with_its_loras_and_warns_at_another_strength(
     texts = _apply_texts(run_ok(live["server"], prompt), wf)
     assert texts["Apply HiFloat4 W4A4 (low noise)"] == []
     (warning,) = texts["Apply HiFloat4 W4A4 (high noise)"]
-    assert "different strength: 12 patched weights at 0.5, calibrated at 1" in warning
+    assert f"different strength: 12 patched weights at 0.5, calibrated at 1 ({TINY_LORA['high_noise']})" in warning

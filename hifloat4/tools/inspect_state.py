@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import patchset
 from ..masks import adaptive_choice, sensitivity
 from ..safefile import loads_json, read_header
 from ..state import (CANDIDATES, FORMAT_NAME, METADATA_KEY, PTQState, PTQStateError, format_version, load_state,
@@ -102,8 +103,7 @@ def _patches_text(patches: dict | None) -> str:
     """The LoRA / weight patches each expert carried at calibration (hifloat4.patchset)."""
     if patches is None:
         return "(not recorded)"
-    return "; ".join(f"{e}: " + (", ".join(f"{g['keys']} weights at strength {g['strength']:g}" for g in groups)
-                                 or "none") for e, groups in patches.items())
+    return "; ".join(f"{e}: " + (", ".join(map(patchset.describe, groups)) or "none") for e, groups in patches.items())
 
 
 def render(summary: dict) -> str:

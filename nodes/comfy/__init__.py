@@ -11,6 +11,7 @@ releases (0.33): where they differ, a module detects the feature, never a versio
 - export:        a MODEL as hifloat4.export's source (Save HiF4 Model)
 - calibration:   observers and ComfyUI's sampler for the Calibrate node
 - patch_record:  a MODEL's weight patches (LoRAs) as a PTQ state records them
+- lora_graph:    the LoRA file names upstream of a node in the queued prompt (pure)
 - progress:      progress bar, cancel, and messages shown on the node
 
 Modules are shared between clones, so nothing here sets attributes on modules; each

@@ -6,13 +6,14 @@ to a list of (strength_patch, patch, strength_model, offset, function) entries;
 LoraLoaderModelOnly adds one entry per LoRA weight with its strength as
 strength_patch; a patch is a weight adapter (`.name`, `.weights`) or a
 (kind, tensors) tuple. Neither version records the LoRA's file name on the patcher
-(0.33 attaches only the last LoRA's safetensors metadata), so none is recorded.
+(0.33 attaches only the last LoRA's safetensors metadata): names come from the graph
+instead (lora_graph), as information next to the digests.
 Weight hooks (CreateHookLora) are not weight patches and are not recorded.
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -49,10 +50,12 @@ def _entry_digest(key: str, entry: tuple) -> str:
     return h.hexdigest()
 
 
-def patch_record(model) -> list[dict]:
-    """hifloat4.patchset's record of this MODEL's weight patches other than HiF4's own."""
-    return patchset.group_patches((float(e[0]), _entry_digest(key, e))
-                                  for key, entries in model.patches.items() for e in entries if not is_hif4_patch(e))
+def patch_record(model, names: Mapping[float, list[str]] | None = None) -> list[dict]:
+    """hifloat4.patchset's record of this MODEL's weight patches other than HiF4's own,
+    with the LoRA file names by strength (lora_graph.loras_upstream) where given."""
+    record = patchset.group_patches((float(e[0]), _entry_digest(key, e))
+                                    for key, entries in model.patches.items() for e in entries if not is_hif4_patch(e))
+    return patchset.with_names(record, names or {})
 
 
 def mismatch_warning(model, state, expert: str) -> str | None:
