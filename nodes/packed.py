@@ -56,17 +56,19 @@ class HiF4LoadDiffusionModel(FilePicker):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return super().INPUT_TYPES() | {"optional": {"compute": policy.runtime_inputs()["compute"]}}
+        runtime = policy.runtime_inputs()
+        return super().INPUT_TYPES() | {"optional": {"compute": runtime["compute"], "lora": runtime["lora"]}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a Wan2.2 expert saved with packed 4.5-bit HiF4 weights. It runs W4A4 with the embedded "
                    "masks, like 'Apply HiFloat4 W4A4' on the original model, in about 30% of the weight memory. "
-                   "LoRAs cannot be applied to it: merge them before saving.")
+                   "LoRAs after it (LoraLoaderModelOnly) are bypassed (exact low-rank terms) or merged, as "
+                   "'lora' says.")
 
-    def load(self, unet_name=None, compute="auto"):
-        return (load_packed_model(self.picked_path(unet_name), compute),)
+    def load(self, unet_name=None, compute="auto", lora="bypass"):
+        return (load_packed_model(self.picked_path(unet_name), compute, lora),)
 
     @classmethod
     def file_problem(cls, name: str, path: str) -> str | None:
