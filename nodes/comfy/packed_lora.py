@@ -116,7 +116,7 @@ def held_weight_functions(module: nn.Module) -> Iterator[tuple[list, str | None]
     """(patches, key) ComfyUI left to a packed layer's forward (lowvram, Dynamic VRAM),
     held off the layer while its codes are cast (core would apply them to the codes);
     other weight functions are refused."""
-    fns = list(module.weight_function)
+    fns = module.weight_function  # restored as the same list object
     low = getattr(module, "weight_lowvram_function", None)
     odd = [f for f in fns if not is_patch(f)]
     if odd:
