@@ -33,9 +33,14 @@ REQUANT_REFUSED = ("this MODEL is a packed HiF4 model (loaded with 'Load HiF4 Di
                    "'Calibrate Wan2.2 HiF4' / 'Apply HiFloat4 W4A4'.")
 
 
+def packed_modules(model) -> dict:
+    """Name (relative to the Wan root) -> module of every packed layer of a MODEL."""
+    return {n: m for n, m in wan_root(model).named_modules() if getattr(m, "hif4", None) is not None}
+
+
 def packed_layer_names(model) -> list[str]:
-    """Names (relative to the Wan root) of the packed layers of a MODEL; [] if none."""
-    return [n for n, m in wan_root(model).named_modules() if getattr(m, "hif4", None) is not None]
+    """Names of the packed layers of a MODEL; [] if none."""
+    return list(packed_modules(model))
 
 
 def is_packed_model(model) -> bool:
@@ -59,16 +64,11 @@ def check_packed_model(model) -> None:
                          + (f" and {len(touched) - 1} more)" if len(touched) > 1 else ")"))
 
 
-def packed_layers(model) -> dict:
-    """Weight key -> module of every packed layer of a MODEL."""
-    return {weight_key(n): m for n, m in wan_root(model).named_modules() if getattr(m, "hif4", None) is not None}
-
-
 def guard_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
     """PREPARE_SAMPLING wrapper of packed models: runs before ComfyUI loads/patches them
     (the arguments after `conds` differ between ComfyUI versions and pass through)."""
     check_packed_model(model)
-    with lora_routes(model, packed_layers(model)):
+    with lora_routes(model, {weight_key(n): m for n, m in packed_modules(model).items()}):
         return executor(model, noise_shape, conds, *args, **kwargs)
 
 

@@ -139,7 +139,7 @@ def test_a_lora_on_no_packed_layer_runs_as_before(comfy, mods, files, tmp_path):
     clone.add_patches({"diffusion_model.head.head.weight": (torch.full_like(head.weight, 0.01),)}, 1.0)
     out = sampled(comfy, clone)
     assert not torch.equal(out, sampled(comfy, base))
-    assert all(m.hif4.bypass == [] for m in mods["loader"].packed_layers(clone).values())
+    assert all(m.hif4.bypass == [] for m in mods["loader"].packed_modules(clone).values())
 
 
 def test_non_lora_patches_on_a_bypassed_layer_are_merged_with_a_log_line(comfy, mods, files, caplog):
