@@ -131,6 +131,19 @@ def test_stacked_loras_are_both_bypassed(comfy, mods, files, lora_file, tmp_path
     assert not torch.equal(sampled(comfy, both), one)
 
 
+def test_cores_bypass_lora_loader_gives_the_same_output(comfy, mods, files, lora_file):
+    """Current ComfyUI's LoraLoaderBypass wraps the layers' forwards (injections): it works on
+    packed layers as is, with the bits of our bypass."""
+    sd = comfy["comfy.sd"]
+    if not hasattr(sd, "load_bypass_lora_for_models"):
+        pytest.skip("this ComfyUI has no LoRA bypass loader (comfy.sd.load_bypass_lora_for_models)")
+    base = packed(mods, files)
+    lora = sd.comfy.utils.load_torch_file(str(lora_file))
+    core = sampled(comfy, sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)[0])
+    assert torch.equal(core, sampled(comfy, with_lora(comfy, base, lora_file)))
+    assert not torch.equal(core, sampled(comfy, base))
+
+
 def test_a_lora_on_no_packed_layer_runs_as_before(comfy, mods, files, tmp_path):
     """A patch on a high-precision layer (the head) is merged by core as usual."""
     base = packed(mods, files)
