@@ -182,6 +182,18 @@ def test_merge_packs_the_merged_weight_and_unpatching_restores_the_codes(comfy, 
     assert torch.equal(m.weight, codes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_convert_weight_reads_codes_in_any_lora_compute_dtype(comfy, mods, files, dtype):
+    """ComfyUI casts the codes to its LoRA compute dtype (fp32, fp16 on GPUs) before
+    convert_weight: every byte value survives the cast."""
+    m = layer(packed(mods, files, lora="merge"))
+    codes = m.weight.detach()
+    assert torch.equal(m.convert_weight(codes.to(dtype)), m.convert_weight(codes))
+    assert torch.equal(m.set_weight(m.convert_weight(codes), return_weight=True),
+                       planar_weight(dequantize_packed(codes, m.in_features, m.hif4_mask, m.hif4.rotation),
+                                     m.hif4_mask, m.hif4.rotation))
+
+
 def test_merged_lora_changes_the_output_and_moves_it_toward_unquantized_plus_lora(comfy, mods, files, load_unet,
                                                                                   lora_file):
     base = packed(mods, files, lora="merge")
