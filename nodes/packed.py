@@ -10,11 +10,10 @@ counting and dtype selection see what they would see for the unpacked file; the
 packed layers keep the uint8 codes as their weight and compute exactly the Apply
 node's bits.
 
-LoRA policy: refused on packed layers (the unquantized weight a LoRA must be merged
-into is gone). A PREPARE_SAMPLING wrapper rejects weight patches, weight hooks and
-object patches on packed layers with a message saying how to merge the LoRA at
-export instead (LoraLoaderModelOnly -> Save HiF4 Model); the forward also refuses
-lowvram weight functions. Patches on the other (high-precision) layers work as usual.
+LoRAs after the loader (LoraLoaderModelOnly) act on packed layers as its `lora` input
+says, bypassed as exact low-rank terms or merged into the codes (nodes.comfy.packed_lora);
+a PREPARE_SAMPLING wrapper refuses weight hooks, weight wrappers and object patches on
+packed layers. Patches on the other (high-precision) layers work as usual.
 """
 from __future__ import annotations
 
