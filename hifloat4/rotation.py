@@ -135,6 +135,17 @@ def _fwht_(y: Tensor, tmp: Tensor) -> Tensor:
 
 def rotate(x: Tensor, rot: Rotation) -> Tensor:
     """Apply R along the last dim of x[..., K]; same shape and dtype as x."""
+    return _transform(x, rot, inverse=False)
+
+
+def unrotate(y: Tensor, rot: Rotation) -> Tensor:
+    """Apply R^-1 = R^T = diag(s) blockdiag(H_b / sqrt(b)) along the last dim of y[..., K]
+    (H is symmetric): what takes a rotated weight back to real units (LoRA merge)."""
+    return _transform(y, rot, inverse=True)
+
+
+def _transform(x: Tensor, rot: Rotation, inverse: bool) -> Tensor:
+    """R (signs, then the transform) or R^-1 (the transform, then the signs) of each row."""
     if x.dim() == 0:
         raise ValueError("x must have an in-feature dimension, got a 0-d tensor")
     if not x.is_floating_point():
@@ -149,7 +160,11 @@ def rotate(x: Tensor, rot: Rotation) -> Tensor:
     step = max(1, budget // k)
     for r0 in range(0, flat.shape[0], step):
         rows = flat[r0 : r0 + step]
-        y = torch.mul(rows, scaled).view(-1, rot.block)  # new tensor in `dtype`: x is never touched
-        result = _fwht_(y, torch.empty_like(y))
-        out[r0 : r0 + step] = result.view(rows.shape)
+        if inverse:
+            y = torch.empty(rows.shape, dtype=dtype, device=x.device).copy_(rows).view(-1, rot.block)
+            result = _fwht_(y, torch.empty_like(y)).view(rows.shape).mul_(scaled)
+        else:
+            y = torch.mul(rows, scaled).view(-1, rot.block)  # new tensor in `dtype`: x is never touched
+            result = _fwht_(y, torch.empty_like(y)).view(rows.shape)
+        out[r0 : r0 + step] = result
     return out.view(x.shape)

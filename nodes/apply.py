@@ -38,12 +38,12 @@ class HiF4ApplyW4A4:
                    "with the PTQ state's channel masks). Returns a new MODEL; the input stays unquantized. On a GPU "
                    "the weights stay packed (4.5 bits).")
 
-    def apply(self, model, ptq_state, expert, weights="auto", compute="auto", **choices):
+    def apply(self, model, ptq_state, expert, weights="auto", compute="auto", lora="bypass", **choices):
         require_unquantized(model, "'Apply HiFloat4 W4A4'")  # before reading its weights
         config = policy.w4a4_config(ptq_state, expert, **choices)
         plan = plan_for(model, config)
         if policy.keep_packed(weights, compute_device().type):
-            out = apply_packed(model, config, compute)
+            out = apply_packed(model, config, compute, lora)
         elif compute == "int8":
             raise ValueError("compute 'int8' multiplies packed HiF4 codes: set weights to 'packed' (or 'auto' on a GPU)")
         else:

@@ -10,11 +10,10 @@ counting and dtype selection see what they would see for the unpacked file; the
 packed layers keep the uint8 codes as their weight and compute exactly the Apply
 node's bits.
 
-LoRA policy: refused on packed layers (the unquantized weight a LoRA must be merged
-into is gone). A PREPARE_SAMPLING wrapper rejects weight patches, weight hooks and
-object patches on packed layers with a message saying how to merge the LoRA at
-export instead (LoraLoaderModelOnly -> Save HiF4 Model); the forward also refuses
-lowvram weight functions. Patches on the other (high-precision) layers work as usual.
+LoRAs after the loader (LoraLoaderModelOnly) act on packed layers as its `lora` input
+says, bypassed as exact low-rank terms or merged into the codes (nodes.comfy.packed_lora);
+a PREPARE_SAMPLING wrapper refuses weight hooks, weight wrappers and object patches on
+packed layers. Patches on the other (high-precision) layers work as usual.
 """
 from __future__ import annotations
 
@@ -56,17 +55,19 @@ class HiF4LoadDiffusionModel(FilePicker):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return super().INPUT_TYPES() | {"optional": {"compute": policy.runtime_inputs()["compute"]}}
+        runtime = policy.runtime_inputs()
+        return super().INPUT_TYPES() | {"optional": {"compute": runtime["compute"], "lora": runtime["lora"]}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a Wan2.2 expert saved with packed 4.5-bit HiF4 weights. It runs W4A4 with the embedded "
                    "masks, like 'Apply HiFloat4 W4A4' on the original model, in about 30% of the weight memory. "
-                   "LoRAs cannot be applied to it: merge them before saving.")
+                   "LoRAs after it (LoraLoaderModelOnly) are bypassed (exact low-rank terms) or merged, as "
+                   "'lora' says.")
 
-    def load(self, unet_name=None, compute="auto"):
-        return (load_packed_model(self.picked_path(unet_name), compute),)
+    def load(self, unet_name=None, compute="auto", lora="bypass"):
+        return (load_packed_model(self.picked_path(unet_name), compute, lora),)
 
     @classmethod
     def file_problem(cls, name: str, path: str) -> str | None:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from hifloat4 import linear as hlinear
+from hifloat4 import lora as hlora
 from hifloat4 import plan as hplan
 from hifloat4 import rotation as hrotation
 from hifloat4 import state as hstate
@@ -76,6 +77,13 @@ def runtime_inputs() -> dict:
             "tooltip": "How packed layers multiply. simulate: HiF4 values in a bf16 matmul (the reference bits). "
                        "int8: the same HiF4 values on int8 tensor cores (sums in another order; faster only where "
                        "int8 is much faster than bf16, e.g. RTX cards). auto: int8 only where measured faster."}),
+        "lora": (list(hlora.LORA_MODES), {
+            "default": "bypass",
+            "tooltip": "How LoRAs loaded after this node (LoraLoaderModelOnly) act on packed layers. bypass: the "
+                       "codes stay as they are and each LoRA adds its exact low-rank term x·Aᵀ·Bᵀ·strength in the "
+                       "compute dtype (2·rank·(in+out) FLOPs per token and layer). merge: the LoRA is added to the "
+                       "dequantized weight and re-quantized once at load (no extra FLOPs; one more HiF4 rounding, "
+                       "small deltas can vanish). Only for packed weights."}),
     }
 
 

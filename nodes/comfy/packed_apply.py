@@ -68,14 +68,15 @@ def _carry_over(source, packed, packed_keys: set[str]) -> None:
     packed.hook_patches = clone.hook_patches  # the clone's own copy
 
 
-def apply_packed(model, config: hplan.W4A4Config, compute: str):
-    """A packed HiF4 MODEL of `model` (unquantized, LoRAs merged) as `config` plans it."""
+def apply_packed(model, config: hplan.W4A4Config, compute: str, lora: str = "bypass"):
+    """A packed HiF4 MODEL of `model` (unquantized, LoRAs merged) as `config` plans it;
+    LoRAs loaded after it act on its packed layers as `lora` says."""
     bar = comfy.utils.ProgressBar(1)
     device = compute_device()
     ckpt = hexport.pack_in_memory(ComfyModelSource(model), config, device if device.type == "cuda" else None,
                                   progress=lambda done, total: bar.update_absolute(done, total),
                                   cancel=check_interrupt)
-    packed = model_from_checkpoint(ckpt, compute)
+    packed = model_from_checkpoint(ckpt, compute, lora)
     _carry_over(model, packed, {weight_key(n) for n in ckpt.layers})
     log.info("HiF4 W4A4 on %d layers, weights packed (%.2f GB of codes), compute %s", len(ckpt.layers),
              sum(p.weight.nbytes for p in ckpt.layers.values()) / 1e9, compute)

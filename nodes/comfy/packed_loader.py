@@ -19,7 +19,10 @@ import comfy.sd
 
 from hifloat4 import checkpoint as hckpt
 
-from .packed_ops import LORA_REFUSED, HiF4PackedOps, placeholder
+from hifloat4 import lora as hlora
+
+from .packed_lora import lora_routes
+from .packed_ops import HOOKS_REFUSED, HiF4PackedOps, placeholder
 from .weights import ROOT, wan_root, weight_key
 
 log = logging.getLogger("hifloat4")
@@ -30,9 +33,14 @@ REQUANT_REFUSED = ("this MODEL is a packed HiF4 model (loaded with 'Load HiF4 Di
                    "'Calibrate Wan2.2 HiF4' / 'Apply HiFloat4 W4A4'.")
 
 
+def packed_modules(model) -> dict:
+    """Name (relative to the Wan root) -> module of every packed layer of a MODEL."""
+    return {n: m for n, m in wan_root(model).named_modules() if getattr(m, "hif4", None) is not None}
+
+
 def packed_layer_names(model) -> list[str]:
-    """Names (relative to the Wan root) of the packed layers of a MODEL; [] if none."""
-    return [n for n, m in wan_root(model).named_modules() if getattr(m, "hif4", None) is not None]
+    """Names of the packed layers of a MODEL; [] if none."""
+    return list(packed_modules(model))
 
 
 def is_packed_model(model) -> bool:
@@ -40,15 +48,15 @@ def is_packed_model(model) -> bool:
 
 
 def check_packed_model(model) -> None:
-    """Raise ValueError if anything would change a packed layer's weight or forward."""
+    """Raise ValueError if anything but weight patches (LoRAs) would change a packed
+    layer's weight or forward."""
     names = packed_layer_names(model)
     weights = {weight_key(n) for n in names}
     forwards = {f"{ROOT}{n}.": n for n in names}
-    patched = sorted(k for k in weights if model.patches.get(k))
-    patched += sorted(k for hp in model.hook_patches.values() for k in hp if k in weights)
+    patched = sorted(k for hp in model.hook_patches.values() for k in hp if k in weights)
     patched += sorted(k for k in weights if getattr(model, "weight_wrapper_patches", {}).get(k))
     if patched:
-        raise ValueError(f"{LORA_REFUSED}\nPatched packed layers: {', '.join(p[len(ROOT):-7] for p in patched[:3])}"
+        raise ValueError(f"{HOOKS_REFUSED}\nPatched packed layers: {', '.join(p[len(ROOT):-7] for p in patched[:3])}"
                          + (f" and {len(patched) - 3} more" if len(patched) > 3 else ""))
     touched = sorted(k for k in model.object_patches if k.rpartition(".")[0] + "." in forwards)
     if touched:
@@ -60,17 +68,20 @@ def guard_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
     """PREPARE_SAMPLING wrapper of packed models: runs before ComfyUI loads/patches them
     (the arguments after `conds` differ between ComfyUI versions and pass through)."""
     check_packed_model(model)
-    return executor(model, noise_shape, conds, *args, **kwargs)
+    with lora_routes(model, {weight_key(n): m for n, m in packed_modules(model).items()}):
+        return executor(model, noise_shape, conds, *args, **kwargs)
 
 
-def load_packed_model(path: str, compute: str = "auto"):
+def load_packed_model(path: str, compute: str = "auto", lora: str = "bypass"):
     """A ComfyUI MODEL from a packed HiF4 checkpoint (validated; bf16 main weights never built)."""
-    return model_from_checkpoint(hckpt.load_hif4_checkpoint(path), compute)
+    return model_from_checkpoint(hckpt.load_hif4_checkpoint(path), compute, lora)
 
 
-def model_from_checkpoint(ckpt: hckpt.HiF4Checkpoint, compute: str = "auto"):
+def model_from_checkpoint(ckpt: hckpt.HiF4Checkpoint, compute: str = "auto", lora: str = "bypass"):
     """A ComfyUI MODEL from a HiF4Checkpoint (a file's, or one packed in memory by the Apply
-    node), its packed layers multiplying as `compute` says (hifloat4.linear.resolve_compute)."""
+    node), its packed layers multiplying as `compute` says (hifloat4.linear.resolve_compute)
+    and taking LoRAs as `lora` says (hifloat4.lora.LORA_MODES)."""
+    hlora.check_mode(lora)
     name = os.path.basename(ckpt.path)
     sd = dict(ckpt.tensors)
     for layer_name, layer in ckpt.layers.items():
@@ -90,8 +101,9 @@ def model_from_checkpoint(ckpt: hckpt.HiF4Checkpoint, compute: str = "auto"):
     for m in wan_root(model).modules():  # this MODEL's own modules, not yet shared with any clone
         if getattr(m, "hif4", None) is not None:
             m.hif4.compute = compute
+            m.hif4.lora = lora
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, PACKED_KEY, guard_wrapper)
-    log.info("HiF4: loaded %s, expert %s: %d packed layers (%.1f MB codes + masks), compute %s", name,
+    log.info("HiF4: loaded %s, expert %s: %d packed layers (%.1f MB codes + masks), compute %s, lora %s", name,
              ckpt.expert, len(ckpt.layers),
-             sum(p.weight.nbytes + 4 * p.hif4_mask.numel() for p in ckpt.layers.values()) / 2**20, compute)
+             sum(p.weight.nbytes + 4 * p.hif4_mask.numel() for p in ckpt.layers.values()) / 2**20, compute, lora)
     return model

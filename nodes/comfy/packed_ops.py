@@ -24,15 +24,17 @@ import comfy.ops
 
 from hifloat4 import checkpoint as hckpt
 from hifloat4 import linear as hlinear
+from hifloat4 import lora as hlora
 from hifloat4 import packed_linear as hpacked
 from hifloat4.layout import to_planar
 
+from . import packed_lora
 from .weights import EXACT_STORAGE, cast_weight_bias
 
-LORA_REFUSED = ("LoRA (or any weight patch) on a packed HiF4 model is not supported: its main Linear weights are "
-                "stored as 4.5-bit HiF4 codes, and a LoRA has to be merged into the unquantized weight before "
-                "quantization. Merge it at export instead: Load Diffusion Model -> LoraLoaderModelOnly -> "
-                "Save HiF4 Model, then load that file (or use the unpacked model with 'Apply HiFloat4 W4A4').")
+HOOKS_REFUSED = ("weight hooks and weight wrappers on a packed HiF4 model are not supported: its main Linear weights "
+                 "are stored as 4.5-bit HiF4 codes. LoRAs through LoraLoaderModelOnly work (lora: bypass or merge); "
+                 "for hooks use the unpacked model with 'Apply HiFloat4 W4A4' (weights: unpacked).")
+_PATCH_METHODS = ("convert_weight", "set_weight")  # what ComfyUI's get_key_weight looks up (packed layers only)
 _CARRIED = "hif4_packed_layer"  # the placeholder's attribute holding its PackedLayer
 
 
@@ -47,11 +49,16 @@ def placeholder(layer: hckpt.PackedLayer, dtype: torch.dtype) -> Tensor:
 class PackedWeight:
     """What a packed Linear needs besides its tensors (plain attributes, no tensors)."""
 
-    def __init__(self, shape: tuple[int, int], rotation, storage: torch.dtype | None, compute: str = "auto"):
+    def __init__(self, shape: tuple[int, int], rotation, storage: torch.dtype | None, compute: str = "auto",
+                 lora: str = "bypass"):
         self.shape = shape
         self.rotation = rotation
         self.storage = storage  # the dtype the fake-quant path would store Q(W/m) in
         self.compute = compute  # hifloat4.linear.resolve_compute's choice, set by the loader
+        self.lora = lora  # how weight patches apply (hifloat4.lora.LORA_MODES), set by the loader
+        # the low-rank terms this layer adds in its forward (bypass); None: patches merge.
+        # Set by packed_lora.lora_routes each time sampling is prepared.
+        self.bypass: list[hlora.LowRank] | None = None
 
 
 class HiF4PackedOps(comfy.ops.manual_cast):
@@ -98,17 +105,32 @@ class HiF4PackedOps(comfy.ops.manual_cast):
                     with torch.no_grad():
                         self.bias.copy_(bias)
 
+        def __getattr__(self, name):
+            # ComfyUI merges weight patches through a layer's convert_weight/set_weight when it
+            # has them (model_patcher.get_key_weight): packed layers have them, others not.
+            if name in _PATCH_METHODS and self.__dict__.get("hif4") is not None:
+                return getattr(packed_lora, name).__get__(self)
+            return super().__getattr__(name)
+
         def forward(self, x, *args, **kwargs):
             if self.hif4 is None:
                 return super().forward(x, *args, **kwargs)
-            if len(self.weight_function) > 0 or getattr(self, "weight_lowvram_function", None) is not None:
-                raise RuntimeError(LORA_REFUSED)
             p = self.hif4
             quant = hlinear.LayerQuant(self.hif4_mask.to(x.device), p.rotation)
             with torch.no_grad():  # inference only: HiF4 rounding has no gradient
-                with cast_weight_bias(self, x.device, self.weight.dtype, x.dtype) as (codes, bias):
-                    if hlinear.resolve_compute(p.compute, x.device, p.rotation) == "int8":
-                        return hlinear.w4a4_linear_packed(x.detach(), codes.detach(), p.shape[1], bias, quant, "int8")
-                    # stored as the Apply node would store Q(W/m), then cast as ComfyUI casts weights
-                    weight = hpacked.decode_weight(codes.detach(), p.shape[1], p.storage or x.dtype, x.device)
-                    return hlinear.w4a4_linear(x.detach(), weight.to(x.dtype), bias, quant)
+                with packed_lora.held_weight_functions(self) as (patches, key):
+                    with cast_weight_bias(self, x.device, self.weight.dtype, x.dtype) as (codes, bias):
+                        codes = codes.detach()
+                        if patches and p.bypass is None:  # lowvram / Dynamic VRAM: merged per call
+                            codes = packed_lora.merged_codes(self, codes, patches, key)
+                        y = self._w4a4(x.detach(), codes, bias, quant)
+                low_rank = hlora.lowrank_term(x.detach(), p.bypass or ())
+                return y if low_rank is None else y.add_(low_rank)
+
+        def _w4a4(self, x, codes, bias, quant):
+            p = self.hif4
+            if hlinear.resolve_compute(p.compute, x.device, p.rotation) == "int8":
+                return hlinear.w4a4_linear_packed(x, codes, p.shape[1], bias, quant, "int8")
+            # stored as the Apply node would store Q(W/m), then cast as ComfyUI casts weights
+            weight = hpacked.decode_weight(codes, p.shape[1], p.storage or x.dtype, x.device)
+            return hlinear.w4a4_linear(x, weight.to(x.dtype), bias, quant)

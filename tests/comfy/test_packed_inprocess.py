@@ -1,7 +1,8 @@
 """Packed HiF4 checkpoints in ComfyUI, in this process (needs ComfyUI's dependencies, e.g.
 the ComfyUI venv): the loader gives the Apply node's bits without bf16 main weights,
-LoRA and re-quantization are refused, 'Save HiF4 Model' writes the same model (with a
-LoRA merged before quantization)."""
+weight hooks and re-quantization are refused, 'Save HiF4 Model' writes the same model
+(with a LoRA merged before quantization). LoRAs after the loader:
+test_packed_lora_inprocess.py."""
 import importlib
 import os
 import pathlib
@@ -151,26 +152,16 @@ def test_loader_lists_only_marked_files_and_validates_names(comfy, mods, files, 
 
 # --------------------------------------------------------------------------- refusals
 
-def test_lora_on_a_packed_model_is_refused_with_a_clear_message(comfy, mods, files, tmp_path):
+def test_weight_hooks_on_a_packed_model_are_refused_with_a_clear_message(comfy, mods, files):
     packed = mods["loader"].load_packed_model(str(files["packed"]))
-    with_lora = lora_model(comfy, packed, tmp_path)
-    assert any(with_lora.patches.values())  # ComfyUI accepted the LoRA keys ...
-    with pytest.raises(ValueError, match="LoRA .* not supported.*Save HiF4 Model"):
-        mods["loader"].check_packed_model(with_lora)  # ... our PREPARE_SAMPLING wrapper refuses them
-    wrappers = with_lora.wrappers["prepare_sampling"]
+    hooked = packed.clone()
+    key = "diffusion_model.blocks.0.ffn.0.weight"
+    hooked.hook_patches = {object(): {key: [(1.0, ("diff", (torch.zeros(1),)), 1.0, None, None)]}}
+    with pytest.raises(ValueError, match="(?s)weight hooks .* not supported.*blocks.0.ffn.0"):
+        mods["loader"].check_packed_model(hooked)  # our PREPARE_SAMPLING wrapper refuses them
+    wrappers = hooked.wrappers["prepare_sampling"]
     assert mods["loader"].guard_wrapper in wrappers[mods["loader"].PACKED_KEY]
     mods["loader"].check_packed_model(packed)  # the original stays usable
-
-
-def test_lowvram_weight_functions_are_refused_in_the_forward(comfy, mods, files):
-    packed = mods["loader"].load_packed_model(str(files["packed"]))
-    layer = packed.model.diffusion_model.blocks[0].ffn[0]
-    layer.weight_function = [lambda w: w]
-    try:
-        with pytest.raises(RuntimeError, match="LoRA"):
-            layer(torch.randn(1, 3, 256))
-    finally:
-        layer.weight_function = []
 
 
 def test_apply_on_a_packed_model_is_refused_before_sampling(comfy, mods, files):
@@ -367,10 +358,3 @@ def test_apply_with_packed_weights_keeps_model_sampling_and_wrappers_of_its_inpu
 def test_apply_refuses_int8_compute_with_unpacked_weights(comfy, mods, files, load_unet):
     with pytest.raises(ValueError, match="int8.*packed"):
         applied(mods, load_unet(T2V_HIGH), files["state"], weights="unpacked", compute="int8")
-
-
-def test_a_lora_after_apply_with_packed_weights_is_refused_like_on_a_packed_file(comfy, mods, files, load_unet,
-                                                                                 tmp_path):
-    packed = applied(mods, load_unet(T2V_HIGH), files["state"], weights="packed")
-    with pytest.raises(ValueError, match="LoRA .* not supported"):
-        mods["loader"].check_packed_model(lora_model(comfy, packed, tmp_path))

@@ -1,12 +1,15 @@
 """Packed HiF4 checkpoints in a real ComfyUI server: a tiny T2V expert pair exported
 with `python -m hifloat4 export`, loaded by 'Load HiF4 Diffusion Model' in a fresh
 server and sampled in the two-expert graph, gives the latent of 'Apply HiFloat4 W4A4'
-with the same state, bit for bit. LoRA on a packed model is refused; 'Save HiF4 Model'
-writes a checkpoint the loader runs identically."""
+with the same state, bit for bit. A LoRA on a packed model (LoraLoaderModelOnly, bypassed
+or merged) moves the latent toward unquantized+LoRA; 'Save HiF4 Model' writes a
+checkpoint the loader runs identically."""
 import os
 import pathlib
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 
 import harness
 import pytest
@@ -77,15 +80,26 @@ def packed_prompt(files=PACKED) -> dict:
     return p
 
 
-def high_only(loader: dict, lora: str | None = None) -> dict:
-    """High-noise half of the T2V prompt on `loader`, optionally through a LoRA."""
+def high_only(loader: dict, lora: str | None = None, save: str | None = None) -> dict:
+    """High-noise half of the T2V prompt on `loader`, optionally through a LoRA, optionally
+    saving the latent (SaveLatent, prefix `save`)."""
     p = {k: v for k, v in P.bf16(P.T2V).items() if k in {"3", "5", "6", "7", "8"}}
     p["1"] = loader
     if lora:
         p["30"] = node("LoraLoaderModelOnly", model=["1", 0], lora_name=lora, strength_model=1.0)
         p["3"]["inputs"]["model"] = ["30", 0]
     p["10"] = node("HarnessLatentDigest", samples=["8", 0], label="high")
+    if save:
+        p["31"] = node("SaveLatent", samples=["8", 0], filename_prefix=save)
     return p
+
+
+def saved_latent(server, result):
+    """The latent SaveLatent wrote, fetched through the server's /view."""
+    from safetensors.torch import load
+    item = result.outputs["31"]["latents"][0]
+    with urllib.request.urlopen(f"{server.url}/view?{urllib.parse.urlencode(item)}", timeout=60) as r:
+        return load(r.read())["latent_tensor"].float()
 
 
 def test_new_nodes_register_and_list_only_packed_files(fresh):
@@ -106,14 +120,24 @@ def test_packed_pair_samples_the_latent_of_fake_quant_apply(fresh):
     assert bf16["sha256"] != fake["sha256"]
 
 
-def test_lora_on_a_packed_model_is_refused(fresh, workspace):
+def test_lora_on_a_packed_model_moves_the_latent_toward_unquantized_plus_lora(fresh, workspace):
     harness.write_lora(workspace["models"] / "loras" / "packed_test_lora.safetensors",
-                       [f"blocks.{i}.{n}" for i in range(4) for n in ("self_attn.q", "ffn.0", "ffn.2")])
-    result = fresh.run(high_only(node("HiF4LoadDiffusionModel", unet_name=PACKED[HIGH]),
-                                 lora="packed_test_lora.safetensors"))
-    assert result.status == "error"
-    msg = result.error()["exception_message"]
-    assert "LoRA" in msg and "not supported" in msg and "Save HiF4 Model" in msg
+                       [f"blocks.{i}.{n}" for i in range(4) for n in ("self_attn.q", "ffn.0", "ffn.2")], scale=0.15)
+    lora = "packed_test_lora.safetensors"
+
+    def latent(loader, with_lora, name):
+        return saved_latent(fresh, ok(fresh.run(high_only(loader, lora=lora if with_lora else None,
+                                                          save=f"hif4lora/{name}"))))
+
+    packed = node("HiF4LoadDiffusionModel", unet_name=PACKED[HIGH])
+    reference = latent(node("UNETLoader", unet_name=TINY[HIGH], weight_dtype="default"), True, "reference")
+    plain = latent(packed, False, "plain")
+    bypass = latent(packed, True, "bypass")
+    merge = latent(node("HiF4LoadDiffusionModel", unet_name=PACKED[HIGH], lora="merge"), True, "merge")
+    far = (plain - reference).norm()
+    assert (bypass - reference).norm() < 0.5 * far
+    assert (merge - reference).norm() < far
+    assert not bypass.equal(merge)
 
 
 def test_loader_refuses_a_plain_model_file_before_running(fresh):

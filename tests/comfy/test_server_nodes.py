@@ -53,8 +53,9 @@ def test_nodes_register_with_the_contract_inputs(server):
     assert info["HiF4ApplyW4A4"]["output"] == ["MODEL"]
     choices = {"alpha", "statistic", "rotation", "rotation_block", "keep_high_precision"}
     assert set(info["HiF4SaveModel"]["input"]["optional"]) == choices
-    assert set(info["HiF4ApplyW4A4"]["input"]["optional"]) == choices | {"weights", "compute"}
-    assert set(info["HiF4LoadDiffusionModel"]["input"]["optional"]) == {"compute"}
+    assert set(info["HiF4ApplyW4A4"]["input"]["optional"]) == choices | {"weights", "compute", "lora"}
+    assert set(info["HiF4LoadDiffusionModel"]["input"]["optional"]) == {"compute", "lora"}
+    assert info["HiF4LoadDiffusionModel"]["input"]["optional"]["lora"][0] == ["bypass", "merge"]
     assert info["HiF4ApplyW4A4"]["input"]["optional"]["weights"][0] == ["auto", "packed", "unpacked"]
     assert info["HiF4ApplyW4A4"]["input"]["optional"]["compute"][0] == ["auto", "simulate", "int8"]
     assert info["HiF4ApplyW4A4"]["input"]["required"]["expert"][0] == ["auto", "high_noise", "low_noise", "single"]
