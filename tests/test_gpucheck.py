@@ -51,6 +51,10 @@ def test_the_report_has_what_users_pay(cpu_result):
     assert vram["main_weight_bytes_after"] / vram["main_weight_count"] == 36 / 64  # planar codes only
     assert vram["main_weight_bytes_before"] / vram["main_weight_count"] == 3  # fp8 + a bf16 Q(W/m)
     assert result["patch_s"] > 0
+    first, second = result["lora"]  # the two ffn layers: in and out swapped
+    assert first["shape"][1:] == second["shape"][:0:-1]
+    assert len(result["lora"]) == 2 and all(r["bypass_host_ms"] > 0 and r["merge_ms_per_layer"] > 0
+                                            for r in result["lora"])
 
 
 def test_the_int8_path_is_measured_and_exact_where_triton_runs(cpu_result):

@@ -20,6 +20,9 @@ Wan2.2-A14B shapes (480p, 81 frames: 32,760 tokens, x 2 for cfg):
               on the device from an fp8_scaled-like source) as Apply held it before (fp8 +
               a bf16 Q(W/m) per layer) and holds it now (planar codes), and `patch_s`, the
               time to pack all 400 layers;
+  lora        what a rank-64 LoRA costs a packed ffn layer: bypass (the low-rank term added
+              per call, factors on the host as ComfyUI keeps a LoRA, and on the device) and
+              merge (dequantize, add the delta, re-pack: once per layer and LoRA set);
   calibration the cost of observing a block during calibration, when that module is present;
   compute_auto whether int8 measured faster here, against linear.INT8_MEASURED_FASTER.
 On a CPU the same keys come out at small sizes with the CPU backends (and Triton's
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend, linear, wan
+from ..lora import LowRank, dequantize_packed, lowrank_term
 from ..format import quantize_dequantize
 from ..layout import to_planar
 from ..linear import LayerQuant, prepare_activation, prepare_weight, w4a4_linear_packed
@@ -233,6 +237,9 @@ def sync_free(device: torch.device, cfg: WanConfig, tokens: int) -> bool | str:
              lambda: w4a4_linear_packed(x, planar, cfg.dim, None, quant, "simulate")]
     if kernels.int8 is not None:
         steps.append(lambda: w4a4_linear_packed(x, planar, cfg.dim, None, quant, "int8"))
+    lora = [LowRank(torch.randn(64, cfg.dim, dtype=torch.bfloat16), torch.randn(cfg.ffn_dim, 64, dtype=torch.bfloat16),
+                    0.5)]  # on the host, as ComfyUI keeps a LoRA: the bypass moves it per call
+    steps.append(lambda: lowrank_term(x, lora))
     for step in steps:
         step()  # warm-up: compiles kernels, autotunes, caches tables
     torch.cuda.synchronize()
@@ -461,6 +468,38 @@ def apply_vram(device: torch.device, cfg: WanConfig, layers: int) -> dict:
             "bytes_per_weight_before": before / count, "bytes_per_weight_after": after / count, "patch_s": patch_s}
 
 
+def lora_bench(device: torch.device, cfg: WanConfig, tokens: int, rank: int, repeat: int) -> list[dict]:
+    """A rank-`rank` LoRA on the two packed ffn layers (hifloat4.lora), as the packed layers
+    of nodes/comfy run it: the packed call alone; bypass, the call plus the low-rank term with
+    the factors on the host (ComfyUI's place for a LoRA: moved per call, no device memory
+    held) and on the device; merge, the once-per-LoRA-set re-pack of W + dW."""
+    rows = []
+    for out_f, in_f in ((cfg.ffn_dim, cfg.dim), (cfg.dim, cfg.ffn_dim)):
+        x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
+        w = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
+        mask = torch.rand(in_f, device=device) + 0.5
+        planar, quant = planar_weight(w, mask), LayerQuant(mask)
+        down = torch.randn(rank, in_f, dtype=torch.bfloat16) / math.sqrt(in_f)
+        up = torch.randn(out_f, rank, dtype=torch.bfloat16) * 0.01
+        host = [LowRank(down, up, 1.0)]
+        on_device = [LowRank(down.to(device), up.to(device), 1.0)]
+
+        def packed():
+            return w4a4_linear_packed(x, planar, in_f, None, quant, "simulate")
+
+        packed_s = best_seconds(packed, repeat, device)
+        host_s = best_seconds(lambda: packed().add_(lowrank_term(x, host)), repeat, device)
+        device_s = best_seconds(lambda: packed().add_(lowrank_term(x, on_device)), repeat, device)
+        delta = (up.float() @ down.float()).to(device)
+        merge_s = best_seconds(lambda: planar_weight(dequantize_packed(planar, in_f, mask) + delta, mask), repeat,
+                               device)
+        rows.append({"shape": [tokens, in_f, out_f], "rank": rank, "packed_ms": packed_s * 1e3,
+                     "bypass_host_ms": host_s * 1e3, "bypass_device_ms": device_s * 1e3,
+                     "bypass_host_over_packed": host_s / packed_s, "bypass_device_over_packed": device_s / packed_s,
+                     "merge_ms_per_layer": merge_s * 1e3})
+    return rows
+
+
 # --------------------------------------------------------------------------- driver
 
 def _section(result: dict, key: str, fn: Callable[[], object], out: Path | None) -> None:
@@ -501,6 +540,7 @@ def speed_sections(result: dict, device: torch.device, small: bool, backends: li
     _section(result, "apply_vram", lambda: apply_vram(device, cfg, 400 if cuda else 20), out)
     if isinstance(result.get("apply_vram"), dict) and "patch_s" in result["apply_vram"]:
         result["patch_s"] = result["apply_vram"]["patch_s"]
+    _section(result, "lora", lambda: lora_bench(device, cfg, tokens, 64 if cuda else 8, repeat), out)
     _section(result, "calibration", lambda: calibration_check.calibration_section(device, small), out)
 
 

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+from test_packed_inprocess import run
 
 pytestmark = pytest.mark.comfyui
 
@@ -28,19 +29,6 @@ def files(probe, tmp_path_factory):
         d = tmp_path_factory.mktemp(name)
         out[name] = probe.export_tiny(d, rotation)
     return out
-
-
-def inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 16, 2, 8, 8, generator=g), torch.tensor([0.9, 0.6]),
-            torch.randn(2, 24, 4096, generator=g) * 0.2)
-
-
-def run(comfy, patcher, seed=0):
-    comfy["comfy.model_management"].load_models_gpu([patcher])
-    x, t, ctx = inputs(seed)
-    with torch.inference_mode():
-        return patcher.model.apply_model(x, t, c_crossattn=ctx)
 
 
 def layout_model(comfy, probe, path):
